@@ -1,0 +1,327 @@
+"""One frozen Settings object, resolved once: CLI option > env var > ini key > default.
+
+Every knob is declared once in KNOBS; the pytest options, the env vars, the ini keys, the
+README table and the CLI all derive from that list, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FLIGHTCTL_DEVICE_"
+VARIANTS = ("base", "v2", "v3", "v4")
+
+
+# -- parsers: each turns the raw text into a value or raises ValueError(why, with the fix) --------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("is not a whole number; give a positive whole number") from None
+    if value <= 0:
+        raise ValueError("must be greater than zero; give a positive whole number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("is not a number; give a positive number") from None
+    if value <= 0:
+        raise ValueError("must be greater than zero; give a positive number")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("is not a yes/no value; use 1/0, true/false or yes/no")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"is not one of {', '.join(choices)}; pick one of those")
+        return text
+
+    return parse
+
+
+def _is_url(text: str) -> bool:
+    return urlparse(text).scheme in ("http", "https")
+
+
+def _file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError("is not an existing file; give the path of a readable file")
+    if not os.access(path, os.R_OK):
+        raise ValueError("is not readable; fix its permissions or give another file")
+    return path.resolve()
+
+
+def _file_or_url(text: str) -> str:
+    if _is_url(text):
+        return text
+    return str(_file(text))
+
+
+def _directory(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise ValueError("is not an existing directory; give the path of a directory")
+    return path.resolve()
+
+
+def _dir_path(text: str) -> Path:
+    """A directory that may not exist yet (created on first use)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError("exists and is not a directory; give a directory path")
+    return path.absolute()
+
+
+def _https_url(text: str) -> str:
+    parsed = urlparse(text)
+    if parsed.scheme != "https" or not parsed.hostname:
+        raise ValueError("is not an https:// URL; give the enrollment service as https://host:port")
+    return text.rstrip("/")
+
+
+def _http_url(text: str) -> str:
+    if not _is_url(text) or not urlparse(text).hostname:
+        raise ValueError("is not an http(s) URL; give a URL such as https://api.github.com")
+    return text.rstrip("/")
+
+
+def _sha256(text: str) -> str:
+    value = text.strip().lower().removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("is not a sha256 digest; give 64 hexadecimal characters")
+    return value
+
+
+def _repo(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", text):
+        raise ValueError("is not OWNER/NAME; give a repository such as flightctl/flightctl")
+    return text
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise ValueError("is not a TCP port; give a number from 1 to 65535")
+    return value
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("is empty; give a value or leave the option out")
+    return text.strip()
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    names = tuple(part for part in re.split(r"[,\s]+", text) if part)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or "base" not in names:
+        raise ValueError(f"must list variants from {', '.join(VARIANTS)} including base")
+    return names
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pytest-flightctl-device"
+
+
+def default_workdir() -> Path:
+    return Path("/var/tmp") / f"pytest-flightctl-device-{os.getuid()}"
+
+
+def default_libvirt_uri() -> str:
+    return "qemu:///system" if os.getuid() == 0 else "qemu:///session"
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting: its name gives --device-NAME, FLIGHTCTL_DEVICE_NAME and ini key device_name."""
+
+    name: str
+    help: str
+    parse: Callable[[str], Any]
+    default: Any = None
+    default_text: str = ""
+    flag: bool = False
+    multi: bool = False
+    metavar: str = "VALUE"
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def cli(self) -> str:
+        return f"--device-{self.name}"
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.attr.upper()
+
+    @property
+    def ini(self) -> str:
+        return f"device_{self.attr}"
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+
+KNOBS: tuple[Knob, ...] = (
+    # -- the device VM -----------------------------------------------------------------------
+    Knob("qcow2", "Device disk image: a local qcow2 path or an http(s) URL.", _file_or_url,
+         metavar="PATH|URL"),
+    Knob("agent-config", "Agent config.yaml as written by `flightctl certificate request --output "
+         "embedded`.", _file, metavar="FILE"),
+    Knob("agent-certs", "Directory with ca.crt, client-enrollment.crt and client-enrollment.key "
+         "(needs --device-enrollment-server).", _directory, metavar="DIR"),
+    Knob("enrollment-server", "Enrollment service URL (https://host:port) for --device-agent-certs.",
+         _https_url, metavar="URL"),
+    Knob("accel", "Acceleration: auto probes KVM for real and falls back to TCG.",
+         _choice("auto", "kvm", "tcg"), "auto", metavar="auto|kvm|tcg"),
+    Knob("libvirt-uri", "libvirt connection URI.", _text, default_libvirt_uri,
+         "qemu:///system as root, else qemu:///session", metavar="URI"),
+    Knob("memory-mib", "Guest memory in MiB.", _positive_int, 2048, metavar="MIB"),
+    Knob("vcpus", "Guest vCPUs.", _positive_int, 2, metavar="N"),
+    Knob("boot-timeout", "Seconds for a device to become ready (multiplied by 4 under TCG).",
+         _positive_float, 180.0, metavar="SECONDS"),
+    Knob("keep-vm", "Keep a failed test's VM running and print its ssh command.", _bool, False,
+         flag=True),
+    Knob("workdir", "Directory for overlays, seeds, console logs and SSH keys.", _dir_path,
+         default_workdir, "/var/tmp/pytest-flightctl-device-UID", metavar="DIR"),
+    Knob("require", "Treat a missing prerequisite (qemu, libvirt, podman) as an error, not a skip.",
+         _bool, False, flag=True),
+    Knob("network", "Guest network: user (reaches the host at 10.0.2.2 and beyond) or isolated "
+         "(qemu restrict=on: nothing leaves the guest).", _choice("user", "isolated"), "user",
+         metavar="user|isolated"),
+    Knob("host-forward", "Host loopback port made reachable in the guest at 127.0.0.1:PORT "
+         "(repeatable).", _port, (), "none", multi=True, metavar="PORT"),
+    Knob("firmware", "Guest firmware.", _choice("bios", "uefi"), "bios", metavar="bios|uefi"),
+)
+
+_BY_ATTR = {knob.attr: knob for knob in KNOBS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings; build with Settings.resolve()."""
+
+    qcow2: str | None = None
+    agent_config: Path | None = None
+    agent_certs: Path | None = None
+    enrollment_server: str | None = None
+    accel: str = "auto"
+    libvirt_uri: str = "qemu:///system"
+    memory_mib: int = 2048
+    vcpus: int = 2
+    boot_timeout: float = 180.0
+    keep_vm: bool = False
+    workdir: Path = Path("/var/tmp/pytest-flightctl-device")
+    require: bool = False
+    network: str = "user"
+    host_forward: tuple[int, ...] = ()
+    firmware: str = "bios"
+
+    @classmethod
+    def resolve(
+        cls,
+        cli: Mapping[str, Any],
+        env: Mapping[str, str],
+        ini: Mapping[str, Any],
+    ) -> Settings:
+        """Pick each knob's value by precedence and parse it; raise ConfigError naming the option.
+
+        `cli` and `ini` are keyed by the knob's attribute name; None (or an empty list) means unset.
+        """
+        values: dict[str, Any] = {}
+        for knob in KNOBS:
+            values[knob.attr] = _resolve_one(knob, cli.get(knob.attr), env.get(knob.env),
+                                             ini.get(knob.attr))
+        settings = cls(**values)
+        settings._check_combinations()
+        return settings
+
+    def _check_combinations(self) -> None:
+        if self.agent_config and self.agent_certs:
+            raise ConfigError(
+                "--device-agent-config and --device-agent-certs were both given; "
+                "give the config.yaml or the certs directory, not both."
+            )
+        if self.agent_certs and not self.enrollment_server:
+            raise ConfigError(
+                "--device-agent-certs needs --device-enrollment-server; "
+                "give the enrollment service URL (https://host:port)."
+            )
+
+    def replace(self, **changes: Any) -> Settings:
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        current.update(changes)
+        return type(self)(**current)
+
+
+def _source_text(knob: Knob, source: str) -> str:
+    return {"cli": knob.cli, "env": f"{knob.env} (for {knob.cli})",
+            "ini": f"ini key {knob.ini} (for {knob.cli})"}[source]
+
+
+def _parse_one(knob: Knob, raw: Any, source: str) -> Any:
+    items = list(raw) if isinstance(raw, list | tuple) else [raw]
+    if knob.multi and source != "cli":
+        items = [part for item in items for part in re.split(r"[,\s]+", str(item)) if part]
+    parsed = []
+    for item in items:
+        if isinstance(item, bool):
+            parsed.append(item)
+            continue
+        try:
+            parsed.append(knob.parse(str(item)))
+        except ValueError as exc:
+            raise ConfigError(f"{_source_text(knob, source)} {str(item)!r} {exc}.") from None
+    return tuple(parsed) if knob.multi else parsed[0]
+
+
+def _resolve_one(knob: Knob, cli_value: Any, env_value: str | None, ini_value: Any) -> Any:
+    for source, raw in (("cli", cli_value), ("env", env_value), ("ini", ini_value)):
+        if raw is None or raw == [] or raw == "":
+            continue
+        return _parse_one(knob, raw, source)
+    return knob.default_value()
+
+
+def knob(attr: str) -> Knob:
+    return _BY_ATTR[attr]
+
+
+def markdown_table() -> str:
+    """The README's options table, generated so it always matches KNOBS."""
+    rows = ["| CLI option | env var | ini key | default | meaning |", "|---|---|---|---|---|"]
+    for k in KNOBS:
+        default = k.default_text or ("off" if k.flag else "" if k.default is None else str(k.default))
+        option = k.cli if k.flag else f"{k.cli} {k.metavar}"
+        rows.append(f"| `{option}` | `{k.env}` | `{k.ini}` | {default or '-'} | {k.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - used to refresh the README table
+    print(markdown_table())
