@@ -218,6 +218,54 @@ KNOBS: tuple[Knob, ...] = (
     Knob("host-forward", "Host loopback port made reachable in the guest at 127.0.0.1:PORT "
          "(repeatable).", _port, (), "none", multi=True, metavar="PORT"),
     Knob("firmware", "Guest firmware.", _choice("bios", "uefi"), "bios", metavar="bios|uefi"),
+    # -- artifacts: where the images bundle and the qcow2 come from --------------------------
+    Knob("bundle", "Agent images bundle (`podman save -m` tar): a local path or an http(s) URL.",
+         _file_or_url, metavar="PATH|URL"),
+    Knob("bundle-sha256", "Expected sha256 of the bundle.", _sha256, metavar="HEX"),
+    Knob("qcow2-sha256", "Expected sha256 of the qcow2.", _sha256, metavar="HEX"),
+    Knob("github-run", "Take both artifacts from this GitHub Actions run.", _positive_int,
+         metavar="RUN_ID"),
+    Knob("github-pr", "Take both artifacts from the newest artifacts-workflow run for this pull "
+         "request's head commit.", _positive_int, metavar="N"),
+    Knob("github-ref", "Take both artifacts from the newest artifacts-workflow run for this branch "
+         "or commit sha.", _text, metavar="BRANCH|SHA"),
+    Knob("github-repo", "Repository of --device-github-run/pr/ref.", _repo, "flightctl/flightctl",
+         metavar="OWNER/NAME"),
+    Knob("github-workflow", "Workflow file that builds the artifacts.", _text,
+         "pr-build-artifacts.yaml", metavar="FILE"),
+    Knob("github-api-url", "GitHub API base URL (GitHub Enterprise, tests).", _http_url,
+         "https://api.github.com", metavar="URL"),
+    Knob("bundle-artifact", "Name prefix of the bundle artifact.", _text, "agent-images-bundle",
+         metavar="PREFIX"),
+    Knob("qcow2-artifact", "Name prefix of the qcow2 artifact.", _text, "agent-qcow2-image",
+         metavar="PREFIX"),
+    Knob("cache-dir", "Content-addressed artifact cache shared by workers and runs.", _dir_path,
+         default_cache_dir, "$XDG_CACHE_HOME/pytest-flightctl-device", metavar="DIR"),
+    Knob("cache-max-gb", "Prune least recently used cache entries above this size.",
+         _positive_float, metavar="GB"),
+    # -- images: local build, podman, bootc-image-builder -------------------------------------
+    Knob("build", "Build the images and the qcow2 locally from containerfiles/ instead of "
+         "downloading.", _bool, False, flag=True),
+    Knob("build-jobs", "Variant images built in parallel.", _positive_int, 4, metavar="N"),
+    Knob("containerfiles", "Directory with Containerfile-base, -v2, -v3, -v4.", _directory,
+         metavar="DIR", default_text="the repository's containerfiles/"),
+    Knob("rpms", "Directory of agent RPMs for the base image (else the COPR repository).",
+         _directory, metavar="DIR"),
+    Knob("base-image", "bootc base image of Containerfile-base.", _text,
+         "quay.io/centos-bootc/centos-bootc:stream9", metavar="REF"),
+    Knob("image-repo", "Repository of the device image tags.", _text,
+         "quay.io/flightctl/flightctl-device", metavar="REPO"),
+    Knob("image-tag", "Tag suffix of the device images (<variant>-<tag>); default from git "
+         "describe.", _text, metavar="TAG"),
+    Knob("variants", "Variants expected in the bundle and built locally.", _variants,
+         VARIANTS, "base,v2,v3,v4", metavar="LIST"),
+    Knob("podman-url", "podman API service URL; default CONTAINER_HOST or the default socket, "
+         "else a private service for the session.", _text, metavar="URL"),
+    Knob("bib-image", "bootc-image-builder image.", _text,
+         "quay.io/centos-bootc/bootc-image-builder:latest", metavar="REF"),
+    Knob("bib-config", "config.toml for bootc-image-builder.", _file, metavar="FILE"),
+    Knob("bib-timeout", "Seconds bootc-image-builder may run.", _positive_float, 3600.0,
+         metavar="SECONDS"),
 )
 
 _BY_ATTR = {knob.attr: knob for knob in KNOBS}
@@ -242,6 +290,31 @@ class Settings:
     network: str = "user"
     host_forward: tuple[int, ...] = ()
     firmware: str = "bios"
+    bundle: str | None = None
+    bundle_sha256: str | None = None
+    qcow2_sha256: str | None = None
+    github_run: int | None = None
+    github_pr: int | None = None
+    github_ref: str | None = None
+    github_repo: str = "flightctl/flightctl"
+    github_workflow: str = "pr-build-artifacts.yaml"
+    github_api_url: str = "https://api.github.com"
+    bundle_artifact: str = "agent-images-bundle"
+    qcow2_artifact: str = "agent-qcow2-image"
+    cache_dir: Path = Path("~/.cache/pytest-flightctl-device")
+    cache_max_gb: float | None = None
+    build: bool = False
+    build_jobs: int = 4
+    containerfiles: Path | None = None
+    rpms: Path | None = None
+    base_image: str = "quay.io/centos-bootc/centos-bootc:stream9"
+    image_repo: str = "quay.io/flightctl/flightctl-device"
+    image_tag: str | None = None
+    variants: tuple[str, ...] = VARIANTS
+    podman_url: str | None = None
+    bib_image: str = "quay.io/centos-bootc/bootc-image-builder:latest"
+    bib_config: Path | None = None
+    bib_timeout: float = 3600.0
 
     @classmethod
     def resolve(
@@ -272,6 +345,16 @@ class Settings:
             raise ConfigError(
                 "--device-agent-certs needs --device-enrollment-server; "
                 "give the enrollment service URL (https://host:port)."
+            )
+
+        github = [k for k in ("github_run", "github_pr", "github_ref") if getattr(self, k) is not None]
+        if len(github) > 1:
+            names = " and ".join(knob(k).cli for k in github)
+            raise ConfigError(f"{names} were both given; pick one GitHub source.")
+        if self.build and (github or self.bundle or self.qcow2):
+            raise ConfigError(
+                "--device-build was given together with a download source; "
+                "drop --device-build or the --device-bundle/--device-qcow2/--device-github-* option."
             )
 
     def replace(self, **changes: Any) -> Settings:
