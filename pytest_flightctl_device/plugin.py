@@ -52,3 +52,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def device_settings(request: pytest.FixtureRequest) -> Settings:
     """The resolved settings of this run."""
     return settings_of(request.config)
+
+
+# -- artifacts: agent_images_bundle, agent_qcow2 ----------------------------------------------
+
+
+# -- images: agent_images -----------------------------------------------------------------------
+
+
+# -- device VMs: agent_config, device_vm_factory, device_vm ------------------------------------
