@@ -1,0 +1,189 @@
+"""Commands and file copies in a device over the OpenSSH client.
+
+One ControlMaster per VM: the first connection pays for the handshake (slow under TCG), every
+later command reuses it. Host keys go to a per-VM known_hosts file, never the user's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .errors import GuestCommandError, MissingToolError
+
+# A unix socket path must fit in sun_path (108 bytes on Linux, with room for ssh's suffix).
+_MAX_SOCKET_PATH = 100
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_path: Path
+    public_line: str
+
+
+def generate_keypair(directory: Path, comment: str = "fcdev") -> KeyPair:
+    """An ed25519 key pair in OpenSSH format; the private file is 0600 from its first byte."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+    path = directory / "id_ed25519"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private)
+    return KeyPair(path, f"{public} {comment}")
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command in the guest returned."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+def ssh_banner(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    """True once sshd answers with its banner: slirp accepts a bare connect before sshd runs."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            return conn.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+class SshClient:
+    """OpenSSH client bound to one device: BatchMode, IdentitiesOnly, private known_hosts."""
+
+    def __init__(self, *, port: int, key: Path, user: str, state_dir: Path,
+                 host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.key = key
+        self.user = user
+        self.host = host
+        self.known_hosts = state_dir / "known_hosts"
+        control = state_dir / "ssh.ctl"
+        if len(str(control)) > _MAX_SOCKET_PATH:
+            digest = hashlib.sha256(str(control).encode()).hexdigest()[:16]
+            control = Path("/tmp") / f"fcdev-{digest}.ctl"
+        self.control_path = control
+        self._ssh = _which("ssh")
+
+    def _options(self) -> list[str]:
+        return [
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "IdentityAgent=none",
+            "-o", "StrictHostKeyChecking=accept-new",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR",
+            "-o", "ConnectTimeout=20",
+            "-o", "ServerAliveInterval=5",
+            "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={self.control_path}",
+            "-o", "ControlPersist=600",
+            "-i", str(self.key),
+            "-p", str(self.port),
+        ]
+
+    def argv(self, command: str) -> list[str]:
+        return [self._ssh, *self._options(), f"{self.user}@{self.host}", command]
+
+    def run(self, command: str, *, check: bool = True, timeout: float | None = 600,
+            input_bytes: bytes | None = None) -> CommandResult:
+        """Run `command` through the guest's shell; with check, a non-zero exit raises."""
+        try:
+            proc = subprocess.run(self.argv(command), input=input_bytes if input_bytes is not None else b"",
+                                  capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise GuestCommandError(
+                f"command {command!r} did not finish within {timeout} s on 127.0.0.1:{self.port}; "
+                "raise timeout= or look at the console log.",
+                exit_code=-1, stdout=_text(exc.stdout), stderr=_text(exc.stderr),
+            ) from None
+        result = CommandResult(proc.returncode, _text(proc.stdout), _text(proc.stderr))
+        if check and not result.ok:
+            detail = result.stderr.strip().splitlines()[-1:] or ["no output on stderr"]
+            raise GuestCommandError(
+                f"command {command!r} exited {result.exit_code} in the device: {detail[0]}",
+                exit_code=result.exit_code, stdout=result.stdout, stderr=result.stderr,
+            )
+        return result
+
+    def put_file(self, local: Path, remote: str, *, mode: int | None = None, sudo: bool = False) -> None:
+        """Copy a local file into the guest through the master connection (no scp/sftp needed)."""
+        prefix = "sudo " if sudo else ""
+        command = f"{prefix}sh -c {shlex.quote('cat > ' + shlex.quote(remote))}"
+        if mode is not None:
+            command += f" && {prefix}chmod {mode:o} {shlex.quote(remote)}"
+        self.run(command, input_bytes=Path(local).read_bytes())
+
+    def get_file(self, remote: str, local: Path, *, sudo: bool = False) -> Path:
+        prefix = "sudo " if sudo else ""
+        proc = subprocess.run(self.argv(f"{prefix}cat {shlex.quote(remote)}"), capture_output=True,
+                              timeout=600, check=False)
+        if proc.returncode != 0:
+            raise GuestCommandError(
+                f"cannot read {remote} from the device: {_text(proc.stderr).strip() or 'cat failed'}",
+                exit_code=proc.returncode, stdout="", stderr=_text(proc.stderr),
+            )
+        Path(local).write_bytes(proc.stdout)
+        return Path(local)
+
+    def forward_remote(self, port: int) -> None:
+        """Make host 127.0.0.1:port reachable in the guest at 127.0.0.1:port (reverse tunnel)."""
+        spec = f"127.0.0.1:{port}:127.0.0.1:{port}"
+        proc = subprocess.run([self._ssh, *self._options(), "-O", "forward", "-R", spec,
+                               f"{self.user}@{self.host}"], capture_output=True, timeout=30, check=False)
+        if proc.returncode != 0:
+            raise GuestCommandError(
+                f"cannot forward host port {port} into the device: {_text(proc.stderr).strip()}",
+                exit_code=proc.returncode, stdout="", stderr=_text(proc.stderr),
+            )
+
+    def close(self) -> None:
+        """Stop the master connection; harmless when none runs."""
+        if self.control_path.exists():
+            subprocess.run([self._ssh, "-o", f"ControlPath={self.control_path}", "-O", "exit",
+                            f"{self.user}@{self.host}"], capture_output=True, timeout=10, check=False)
+            self.control_path.unlink(missing_ok=True)
+
+    def command_line(self) -> str:
+        """A line a human can paste to log in (no control socket, no known_hosts writes)."""
+        return shlex.join([
+            "ssh", "-i", str(self.key), "-p", str(self.port),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "IdentitiesOnly=yes", f"{self.user}@{self.host}",
+        ])
+
+
+def _which(tool: str) -> str:
+    from shutil import which
+
+    path = which(tool)
+    if path is None:
+        raise MissingToolError(f"{tool} (the OpenSSH client) is not installed; install openssh-client.")
+    return path
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode("utf-8", "replace")

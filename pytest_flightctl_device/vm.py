@@ -1,0 +1,423 @@
+"""DeviceVM and its factory: overlay, seed, transient domain, readiness, teardown.
+
+A device VM is a transient libvirt domain over a throwaway qcow2 overlay of the (read-only)
+base image, with a NoCloud seed carrying the agent config. Domains are started with
+VIR_DOMAIN_START_AUTODESTROY on the factory's own connection, so a killed pytest leaves no
+running VM; the janitor removes the files such a run leaves behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import janitor
+from .accel import TCG_TIMEOUT_FACTOR, Accelerator, Choice, watch_kernel
+from .agent import AgentConfig, redact
+from .console import CLOUD_INIT_ERROR, NO_BOOT_DEVICE, PANIC, ConsoleLog
+from .domain import METADATA_KEY, METADATA_NS, DomainSpec, owner_metadata, render
+from .errors import BootError, ConfigError, DeviceError, MissingToolError
+from .owner import Owner
+from .ports import port_reservation
+from .seed import SeedSpec, new_instance_id, ready_marker, redacted_user_data, write_seed_iso
+from .settings import VARIANTS, Settings
+from .ssh import CommandResult, KeyPair, SshClient, generate_keypair, ssh_banner
+
+POLL_S = 0.2
+LOGIN_USER = "user"
+
+
+def open_libvirt(uri: str) -> Any:
+    """A libvirt connection, or MissingToolError saying how to get one."""
+    try:
+        import libvirt
+    except ImportError:
+        raise MissingToolError("libvirt-python is not installed; pip install libvirt-python "
+                               "(it needs libvirt-dev and pkg-config to build).") from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stray stderr noise
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise MissingToolError(
+            f"cannot connect to libvirt at {uri} ({exc.get_error_message()}); start libvirtd "
+            "(systemctl start libvirtd, or libvirtd -d) or set --device-libvirt-uri."
+        ) from None
+
+
+def create_overlay(base: Path, overlay: Path) -> None:
+    """A copy-on-write qcow2 over `base`; qemu only ever opens the base read-only."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise MissingToolError("qemu-img is not installed; install qemu-utils (Debian) or qemu-img (Fedora).")
+    proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
+                           str(overlay)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ConfigError(f"cannot create an overlay over {base}: {proc.stderr.strip()}; "
+                          "give a qcow2 image with --device-qcow2.")
+    os.chmod(overlay, 0o600)
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    """What one test asks for (from the device marker, else the settings)."""
+
+    memory_mib: int
+    vcpus: int
+    variant: str = "base"
+    runcmd: tuple[str, ...] = ()
+    boot_timeout: float | None = None
+
+
+class DeviceVM:
+    """A booted device: run commands, copy files, reboot, read the console."""
+
+    def __init__(self, factory: DeviceVMFactory, name: str, vm_dir: Path, request: VMRequest) -> None:
+        self._factory = factory
+        self.name = name
+        self.dir = vm_dir
+        self.request = request
+        self.variant = request.variant
+        self.overlay = vm_dir / "overlay.qcow2"
+        self.seed = vm_dir / "seed.iso"
+        self.console_path = vm_dir / "console.log"
+        self.mac = "52:54:00:%02x:%02x:%02x" % tuple(secrets.token_bytes(3))
+        self.instance_id = new_instance_id()
+        self.ssh_port = 0
+        self.accel = ""
+        self.boot_seconds = 0.0
+        self._dom: Any = None
+        self._spec: DomainSpec | None = None
+        self._seed_spec: SeedSpec | None = None
+        self._console = ConsoleLog(self.console_path)
+        self._ssh: SshClient | None = None
+        self.kept = False
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def ssh(self) -> SshClient:
+        if self._ssh is None:
+            raise DeviceError(f"device VM {self.name} is not running; boot it with the factory first.")
+        return self._ssh
+
+    def run(self, command: str, *, check: bool = True, timeout: float | None = 600) -> CommandResult:
+        """Run a shell command in the device as `user`; check=True raises on a non-zero exit."""
+        return self.ssh.run(command, check=check, timeout=timeout)
+
+    def put_file(self, local: Path | str, remote: str, *, mode: int | None = None, sudo: bool = False) -> None:
+        self.ssh.put_file(Path(local), remote, mode=mode, sudo=sudo)
+
+    def get_file(self, remote: str, local: Path | str, *, sudo: bool = False) -> Path:
+        return self.ssh.get_file(remote, Path(local), sudo=sudo)
+
+    def reboot(self) -> None:
+        """Reboot the guest and wait until it is ready again (SSH and cloud-init)."""
+        since = self._console.mark()
+        self.ssh.run("sudo systemctl reboot || sudo reboot", check=False, timeout=15)
+        self.ssh.close()
+        self._wait_ready(since, time.monotonic() + self._factory.timeout_for(self.request, self.accel))
+
+    def console_text(self) -> str:
+        self._console.refresh()
+        return self._console.text
+
+    def wait_for_console(self, pattern: str | re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
+        """Wait until the console shows `pattern`; on timeout quote the console tail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._console.refresh()
+            match = self._console.search(pattern)
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                raise BootError(f"device VM {self.name}: console did not show {str(pattern)!r} within "
+                                f"{timeout:.0f} s; last console lines:\n{self.console_tail(20)}")
+            time.sleep(POLL_S)
+
+    def ssh_command(self) -> str:
+        return self.ssh.command_line()
+
+    def console_tail(self, lines: int = 50) -> str:
+        return redact(self._console.tail(lines), self._factory.agent.secrets())
+
+    def domain_xml(self) -> str:
+        if self._dom is not None:
+            try:
+                return str(self._dom.XMLDesc(0))
+            except Exception:  # noqa: BLE001 - the domain may be gone; fall back to what we sent
+                pass
+        return render(self._spec) if self._spec else ""
+
+    def user_data_redacted(self) -> str:
+        return redacted_user_data(self._seed_spec) if self._seed_spec else ""
+
+    def is_active(self) -> bool:
+        try:
+            return bool(self._dom is not None and self._dom.isActive())
+        except Exception:  # noqa: BLE001 - a vanished domain is simply not active
+            return False
+
+    def keep(self) -> str:
+        """Leave this VM running after the session (--device-keep-vm); return its ssh command."""
+        self.kept = True
+        (self.dir / janitor.KEEP_FILE).touch()
+        if self._dom is not None and self._spec is not None:
+            import libvirt
+
+            self._dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                  owner_metadata(self._spec, keep=True), METADATA_KEY, METADATA_NS,
+                                  libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        return self.ssh_command()
+
+    def destroy(self) -> None:
+        """Stop the domain and remove its files (not when kept)."""
+        if self.kept:
+            return
+        if self._ssh is not None:
+            self._ssh.close()
+        self._destroy_domain()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- boot ---------------------------------------------------------------------------------
+
+    def _destroy_domain(self) -> None:
+        if self._dom is None:
+            return
+        try:
+            if self._dom.isActive():
+                self._dom.destroy()
+        except Exception:  # noqa: BLE001, S110 - already gone is the goal
+            pass
+        self._dom = None
+
+    def boot(self) -> None:
+        factory = self._factory
+        started = time.monotonic()
+        self.dir.mkdir(mode=0o711)
+        os.chmod(self.dir, 0o711)
+        self._seed_spec = SeedSpec(instance_id=self.instance_id, hostname=self.name,
+                                   authorized_key=factory.keypair.public_line, files=factory.agent.files,
+                                   mac=self.mac, runcmd=self.request.runcmd)
+        write_seed_iso(self._seed_spec, self.seed)
+        choice = factory.accelerator.choose()
+        if choice.probe:
+            with factory.accelerator.lock:
+                choice = factory.accelerator.choose()  # another worker may have probed meanwhile
+                if choice.probe:
+                    choice = self._start_probing(choice)
+                else:
+                    self._start(choice.kvm)
+        else:
+            self._start(choice.kvm)
+        self.accel = "kvm" if choice.kvm else "tcg"
+        factory.note_accel(choice)
+        self._ssh = SshClient(port=self.ssh_port, key=factory.keypair.private_path, user=LOGIN_USER,
+                              state_dir=self.dir)
+        self._wait_ready(0, started + factory.timeout_for(self.request, self.accel))
+        self.boot_seconds = time.monotonic() - started
+
+    def _start_probing(self, choice: Choice) -> Choice:
+        """Boot under KVM and trust it only if the kernel prints; else restart under TCG."""
+        accelerator = self._factory.accelerator
+        self._start(kvm=True)
+        works, reason = watch_kernel(self._console, self.is_active)
+        if accelerator.mode == "auto":
+            accelerator.record(works, reason)
+        if works:
+            return choice
+        self._destroy_domain()
+        if accelerator.mode == "kvm":
+            raise BootError(f"--device-accel kvm was asked for but KVM does not work here: {reason} "
+                            "(nested KVM is likely broken); use --device-accel auto or tcg. "
+                            f"Last console lines:\n{self.console_tail(20)}")
+        self._factory.log(f"KVM does not work on this host ({reason}); using TCG (software emulation).")
+        self._console = ConsoleLog(self.console_path)
+        return Choice(False, False, f"TCG (KVM probe failed: {reason})")
+
+    def _start(self, kvm: bool) -> None:
+        factory = self._factory
+        self.overlay.unlink(missing_ok=True)
+        create_overlay(factory.base_image, self.overlay)
+        self.console_path.unlink(missing_ok=True)
+        import libvirt
+
+        flags = 0 if factory.settings.keep_vm else libvirt.VIR_DOMAIN_START_AUTODESTROY
+        last_error = ""
+        for _attempt in range(3):
+            with port_reservation(factory.ports_lock) as port:
+                self.ssh_port = port
+                self._spec = DomainSpec(
+                    name=self.name, kvm=kvm, memory_mib=self.request.memory_mib, vcpus=self.request.vcpus,
+                    overlay=self.overlay, seed=self.seed, console=self.console_path, ssh_port=port,
+                    mac=self.mac, isolated=factory.settings.network == "isolated",
+                    firmware=factory.settings.firmware, owner=factory.owner, run_id=factory.run_id,
+                    created=datetime.now(UTC).isoformat(timespec="seconds"),
+                    nvram=self.dir / "VARS.fd",
+                )
+                try:
+                    self._dom = factory.conn.createXML(render(self._spec), flags)
+                    return
+                except libvirt.libvirtError as exc:
+                    last_error = exc.get_error_message() or str(exc)
+                    if "host forwarding" not in last_error and "Address already in use" not in last_error:
+                        break
+        raise BootError(f"libvirt could not start device VM {self.name}: {last_error}")
+
+    def _wait_ready(self, since: int, deadline: float) -> None:
+        """Poll (every POLL_S) for the SSH banner and cloud-init's final message; fail fast."""
+        marker = ready_marker(self.instance_id)
+        banner = False
+        while True:
+            self._console.refresh()
+            self._fail_on_console(since)
+            if not self.is_active():
+                raise BootError(f"device VM {self.name} stopped before it was ready; "
+                                f"last console lines:\n{self.console_tail()}")
+            banner = banner or ssh_banner(self.ssh_port, timeout=POLL_S)
+            if banner and marker in self._console.text[since:]:
+                break
+            if time.monotonic() > deadline:
+                state = (f"SSH banner {'seen' if banner else 'not seen'}, cloud-init "
+                         f"{'finished' if marker in self._console.text[since:] else 'not finished'}")
+                raise BootError(f"device VM {self.name} was not ready in time ({state}; accel {self.accel}; "
+                                f"raise --device-boot-timeout if the guest is just slow); "
+                                f"last 50 console lines:\n{self.console_tail()}")
+            time.sleep(POLL_S)
+        self._check_cloud_init()
+        for port in self._factory.settings.host_forward:
+            self.ssh.forward_remote(port)
+
+    def _fail_on_console(self, since: int) -> None:
+        for pattern, what in ((PANIC, "the guest kernel panicked"),
+                              (NO_BOOT_DEVICE, "the firmware found nothing to boot (is the qcow2 bootable?)"),
+                              (CLOUD_INIT_ERROR, "cloud-init reported an error")):
+            match = self._console.search(pattern, since)
+            if match:
+                raise BootError(f"device VM {self.name}: {what}: {redact(match.group(0).strip(), [])}; "
+                                f"last console lines:\n{self.console_tail()}")
+
+    def _check_cloud_init(self) -> None:
+        result = self.ssh.run("cloud-init status --long", check=False, timeout=120)
+        if result.exit_code not in (0, 2) or "status: done" not in result.stdout:
+            status = redact(result.stdout.strip() or result.stderr.strip(), self._factory.agent.secrets())
+            raise BootError(f"device VM {self.name}: cloud-init did not finish cleanly "
+                            f"(exit {result.exit_code}):\n{status}\nlast console lines:\n{self.console_tail(20)}")
+
+
+class DeviceVMFactory:
+    """Makes DeviceVMs for one process (one pytest session or xdist worker), lazily."""
+
+    def __init__(self, settings: Settings, *, base_image: Path | Callable[[], Path], agent: AgentConfig,
+                 run_id: str, worker: str, log: Callable[[str], None] | None = None,
+                 verdict_file: Path | None = None) -> None:
+        self.settings = settings
+        self._base = base_image
+        self.agent = agent
+        self.run_id = run_id
+        self.worker = worker
+        self.log = log or (lambda _msg: None)
+        self.owner = Owner.current()
+        self.accelerator = Accelerator(settings.accel, verdict_file or settings.cache_dir / "accel.json")
+        self.accel_used: set[str] = set()
+        self.vms: list[DeviceVM] = []
+        self.last_failed: DeviceVM | None = None
+        self._count = 0
+        self._conn: Any = None
+        self._keypair: KeyPair | None = None
+        self._base_path: Path | None = None
+        self.process_dir = settings.workdir / f"{janitor.PREFIX}{run_id}-{worker}"
+        self.ports_lock = settings.workdir / ".ports.lock"
+        self.swept = janitor.Swept()
+
+    @property
+    def base_image(self) -> Path:
+        if self._base_path is None:
+            self._base_path = self._base() if callable(self._base) else self._base
+        return self._base_path
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = open_libvirt(self.settings.libvirt_uri)
+        return self._conn
+
+    @property
+    def keypair(self) -> KeyPair:
+        if self._keypair is None:
+            self._prepare()
+            assert self._keypair is not None
+        return self._keypair
+
+    def _prepare(self) -> None:
+        """First VM of this process: sweep dead runs' leftovers, make our dir and SSH key."""
+        workdir = self.settings.workdir
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.swept = janitor.sweep(self.conn, workdir)
+        self.process_dir.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(self.process_dir, 0o711)
+        janitor.write_owner(self.process_dir, self.owner, self.run_id, self.worker)
+        self._keypair = generate_keypair(self.process_dir)
+
+    def timeout_for(self, request: VMRequest, accel: str) -> float:
+        base = request.boot_timeout or self.settings.boot_timeout
+        return base * (TCG_TIMEOUT_FACTOR if accel == "tcg" else 1.0)
+
+    def note_accel(self, choice: Choice) -> None:
+        self.accel_used.add(choice.reason)
+
+    def request(self, *, memory_mib: int | None = None, vcpus: int | None = None, variant: str = "base",
+                runcmd: Iterable[str] = (), boot_timeout: float | None = None) -> VMRequest:
+        """Validate what a test asks for before anything boots."""
+        if variant not in VARIANTS:
+            raise ConfigError(f"device marker variant={variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
+        for label, value in (("memory_mib", memory_mib), ("vcpus", vcpus), ("boot_timeout", boot_timeout)):
+            if value is not None and (not isinstance(value, int | float) or value <= 0):
+                raise ConfigError(f"device marker {label}={value!r} must be a positive number.")
+        return VMRequest(memory_mib=int(memory_mib or self.settings.memory_mib),
+                         vcpus=int(vcpus or self.settings.vcpus), variant=variant,
+                         runcmd=tuple(runcmd), boot_timeout=boot_timeout)
+
+    def create(self, request: VMRequest | None = None, **kwargs: Any) -> DeviceVM:
+        """Boot a fresh device and wait until it is ready."""
+        request = request or self.request(**kwargs)
+        self.base_image  # noqa: B018 - obtain the image (and fail) before anything is allocated
+        self.keypair  # noqa: B018
+        self._count += 1
+        vm = DeviceVM(self, f"{self.process_dir.name}-{self._count}", self.process_dir / str(self._count),
+                      request)
+        self.vms.append(vm)
+        try:
+            vm.boot()
+        except BaseException:
+            self.last_failed = vm
+            if not self.settings.keep_vm:
+                vm.destroy()
+            raise
+        return vm
+
+    def release(self, vm: DeviceVM) -> None:
+        vm.destroy()
+        if vm in self.vms and not vm.kept:
+            self.vms.remove(vm)
+
+    def close(self) -> None:
+        """Destroy every VM this factory made (kept ones stay) and close the connection."""
+        for vm in list(self.vms):
+            self.release(vm)
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001, S110 - closing a dead connection is fine
+                pass
+            self._conn = None
+        if self.process_dir.exists() and not any(p.is_dir() for p in self.process_dir.iterdir()):
+            shutil.rmtree(self.process_dir, ignore_errors=True)
