@@ -52,7 +52,7 @@ def _domain_owner(dom: Any) -> tuple[Owner | None, bool]:
 
     try:
         xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
-        element = ET.fromstring(xml)
+        element = ET.fromstring(xml)  # noqa: S314 - our own element, read back from libvirt
         return Owner(int(element.attrib["pid"]), int(element.attrib["start"])), element.get("keep") == "1"
     except (libvirt.libvirtError, ET.ParseError, KeyError, ValueError):
         return None, False

@@ -8,6 +8,7 @@ running VM; the janitor removes the files such a run leaves behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -89,7 +90,7 @@ class DeviceVM:
         self.overlay = vm_dir / "overlay.qcow2"
         self.seed = vm_dir / "seed.iso"
         self.console_path = vm_dir / "console.log"
-        self.mac = "52:54:00:%02x:%02x:%02x" % tuple(secrets.token_bytes(3))
+        self.mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
         self.instance_id = new_instance_id()
         self.ssh_port = 0
         self.accel = ""
@@ -113,7 +114,8 @@ class DeviceVM:
         """Run a shell command in the device as `user`; check=True raises on a non-zero exit."""
         return self.ssh.run(command, check=check, timeout=timeout)
 
-    def put_file(self, local: Path | str, remote: str, *, mode: int | None = None, sudo: bool = False) -> None:
+    def put_file(self, local: Path | str, remote: str, *, mode: int | None = None,
+                 sudo: bool = False) -> None:
         self.ssh.put_file(Path(local), remote, mode=mode, sudo=sudo)
 
     def get_file(self, remote: str, local: Path | str, *, sudo: bool = False) -> Path:
@@ -151,10 +153,8 @@ class DeviceVM:
 
     def domain_xml(self) -> str:
         if self._dom is not None:
-            try:
+            with contextlib.suppress(Exception):  # the domain may be gone: fall back to what we sent
                 return str(self._dom.XMLDesc(0))
-            except Exception:  # noqa: BLE001 - the domain may be gone; fall back to what we sent
-                pass
         return render(self._spec) if self._spec else ""
 
     def user_data_redacted(self) -> str:
@@ -163,7 +163,7 @@ class DeviceVM:
     def is_active(self) -> bool:
         try:
             return bool(self._dom is not None and self._dom.isActive())
-        except Exception:  # noqa: BLE001 - a vanished domain is simply not active
+        except Exception:  # a vanished domain is simply not active
             return False
 
     def keep(self) -> str:
@@ -192,18 +192,16 @@ class DeviceVM:
     def _destroy_domain(self) -> None:
         if self._dom is None:
             return
-        try:
+        with contextlib.suppress(Exception):  # already gone is the goal
             if self._dom.isActive():
                 self._dom.destroy()
-        except Exception:  # noqa: BLE001, S110 - already gone is the goal
-            pass
         self._dom = None
 
     def boot(self) -> None:
         factory = self._factory
         started = time.monotonic()
         self.dir.mkdir(mode=0o711)
-        os.chmod(self.dir, 0o711)
+        os.chmod(self.dir, 0o711)  # noqa: S103 - qemu (another user) must traverse, not list
         self._seed_spec = SeedSpec(instance_id=self.instance_id, hostname=self.name,
                                    authorized_key=factory.keypair.public_line, files=factory.agent.files,
                                    mac=self.mac, runcmd=self.request.runcmd)
@@ -310,7 +308,8 @@ class DeviceVM:
         if result.exit_code not in (0, 2) or "status: done" not in result.stdout:
             status = redact(result.stdout.strip() or result.stderr.strip(), self._factory.agent.secrets())
             raise BootError(f"device VM {self.name}: cloud-init did not finish cleanly "
-                            f"(exit {result.exit_code}):\n{status}\nlast console lines:\n{self.console_tail(20)}")
+                            f"(exit {result.exit_code}):\n{status}\n"
+                            f"last console lines:\n{self.console_tail(20)}")
 
 
 class DeviceVMFactory:
@@ -363,7 +362,7 @@ class DeviceVMFactory:
         workdir.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.swept = janitor.sweep(self.conn, workdir)
         self.process_dir.mkdir(mode=0o711, exist_ok=True)
-        os.chmod(self.process_dir, 0o711)
+        os.chmod(self.process_dir, 0o711)  # noqa: S103 - qemu must traverse, not list
         janitor.write_owner(self.process_dir, self.owner, self.run_id, self.worker)
         self._keypair = generate_keypair(self.process_dir)
 
@@ -378,7 +377,8 @@ class DeviceVMFactory:
                 runcmd: Iterable[str] = (), boot_timeout: float | None = None) -> VMRequest:
         """Validate what a test asks for before anything boots."""
         if variant not in VARIANTS:
-            raise ConfigError(f"device marker variant={variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
+            raise ConfigError(f"device marker variant={variant!r} is unknown; "
+                              f"use one of {', '.join(VARIANTS)}.")
         for label, value in (("memory_mib", memory_mib), ("vcpus", vcpus), ("boot_timeout", boot_timeout)):
             if value is not None and (not isinstance(value, int | float) or value <= 0):
                 raise ConfigError(f"device marker {label}={value!r} must be a positive number.")
@@ -414,10 +414,8 @@ class DeviceVMFactory:
         for vm in list(self.vms):
             self.release(vm)
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection is fine
                 self._conn.close()
-            except Exception:  # noqa: BLE001, S110 - closing a dead connection is fine
-                pass
             self._conn = None
         if self.process_dir.exists() and not any(p.is_dir() for p in self.process_dir.iterdir()):
             shutil.rmtree(self.process_dir, ignore_errors=True)
