@@ -304,7 +304,11 @@ def _check_server(label: str, where: str, value: object) -> None:
     if not isinstance(value, str) or not value.strip():
         raise _error(label, f"{where} is missing or not a string",
                      "give the enrollment service as https://host:port")
-    parsed = urlparse(value)
+    try:
+        parsed = urlparse(value)
+    except ValueError:
+        raise _error(label, f"{where} is not a URL",
+                     "give the enrollment service as https://host:port") from None
     if parsed.scheme != "https" or not parsed.hostname:
         shown = f"{parsed.scheme}://" if parsed.scheme else "not a URL"
         raise _error(label, f"{where} is {shown}, not an https:// URL (the agent only talks TLS)",

@@ -332,6 +332,7 @@ def test_replaced_ca_with_the_same_name(tmp_path: Path) -> None:
     ("api.example.test:7443", "not an https:// URL"),
     (None, "enrollment-service.service.server is missing or not a string"),
     ("https://", "is https://, not an https:// URL"),
+    ("https://[::1", "enrollment-service.service.server is not a URL"),
 ])
 def test_server_must_be_https(tmp_path: Path, server: str | None, needle: str) -> None:
     pki = make_pki()
@@ -431,7 +432,7 @@ def test_throwaway_is_a_valid_one_day_pki(tmp_path: Path) -> None:
     assert ca.not_valid_after_utc - NOW == dt.timedelta(days=1)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
     cert.verify_directly_issued_by(ca)
-    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    assert cert.public_key() == key.public_key()
     # It passes its own validation as a config.yaml, at `now` and not two days later.
     path = tmp_path / "config.yaml"
     path.write_bytes(cfg.file(CONFIG_PATH).content)

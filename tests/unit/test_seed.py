@@ -88,7 +88,7 @@ def test_user_data_reads_back_as_the_intended_document() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), min_size=1).filter(str.strip))
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1).filter(str.strip))
 def test_any_runcmd_text_survives_yaml(command: str) -> None:
     text = render_user_data(spec(files=(), runcmd=(command,)))
     line = next(ln for ln in text.splitlines() if ln.startswith("  - [sh, -c, "))
