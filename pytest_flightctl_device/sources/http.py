@@ -1,0 +1,239 @@
+"""Resumable HTTP download to a file, hashing on the way; and the plain-URL source.
+
+The body goes to disk in 1 MiB chunks (flat memory) while sha256 is computed, so the cache
+never reads the file a second time. After a dropped connection or a short body the transfer
+resumes with `Range: bytes=N-`, and only a 206 whose Content-Range starts at N is appended;
+anything else restarts from zero. Redirects are followed here, not by requests, and no
+request made by this module carries an Authorization header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..cache import Cache
+from ..errors import ArtifactError
+
+if TYPE_CHECKING:
+    from ..progress import Meter
+
+CHUNK = 1 << 20
+MeterFactory = Callable[[str, "int | None"], "Meter"]
+_DROPS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def redact(url: str) -> str:
+    """The URL without user info or query string (where signed URLs keep their signatures)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def new_session() -> requests.Session:
+    """A Session whose adapters never retry on their own (this module decides) and keep a pool."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "pytest-flightctl-device"
+    session.headers["Accept-Encoding"] = "identity"  # byte offsets must match the file for Range
+    session.trust_env = False  # no netrc credentials, no proxies picked up behind our back
+    return session
+
+
+class Expired(Exception):
+    """The URL stopped working in a way a fresh URL fixes (signed URL expired)."""
+
+
+@dataclass
+class Transfer:
+    """One download into `dest`, resumable across drops and across processes."""
+
+    session: requests.Session
+    url: Callable[[], str]
+    dest: Path
+    label: str
+    expected_size: int | None = None
+    refreshable: bool = False
+    meter: MeterFactory | None = None
+    attempts: int = 6
+    backoff: float = 0.5
+    trusted_partial: bool = False
+    timeout: tuple[float, float] = (15.0, 60.0)
+    requests_made: int = field(default=0, init=False)
+
+    def run(self) -> str:
+        """Download to `dest`; returns the sha256 hex of the complete file."""
+        state = self.dest.with_name(self.dest.name + ".json")
+        hasher, have = self._resume_point(state)
+        meter = self.meter(self.label, self.expected_size) if self.meter else None
+        if meter:
+            meter.start(have)
+        url = self.url()
+        failures = 0
+        hops = 0
+        while self.expected_size is None or have < self.expected_size:
+            if failures >= self.attempts:
+                raise ArtifactError(
+                    f"{self.label}: download from {redact(url)} failed {failures} times in a row; "
+                    "check the network or the server and run again (the partial file is kept)."
+                )
+            if failures:
+                time.sleep(min(self.backoff * 2 ** (failures - 1), 30.0))
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            validator = _read_state(state).get("validator")
+            if have and validator and not self.refreshable:
+                headers["If-Range"] = validator
+            try:
+                self.requests_made += 1
+                response = self.session.get(url, headers=headers, stream=True, timeout=self.timeout,
+                                            allow_redirects=False)
+            except _DROPS:
+                failures += 1
+                continue
+            with response:
+                status = response.status_code
+                if status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                    hops += 1
+                    if hops > 10:
+                        raise ArtifactError(f"{self.label}: {redact(url)} redirects in a loop; fix the URL.")
+                    url = urljoin(url, response.headers["Location"])
+                    continue
+                if status in (401, 403, 410) and self.refreshable:
+                    url = self.url()  # the signed URL expired: ask for a fresh one, then resume
+                    failures += 1
+                    continue
+                if status == 429 or status >= 500:
+                    failures += 1
+                    continue
+                if status == 416 and have:
+                    hasher, have = self._restart()
+                    continue
+                if status not in (200, 206):
+                    raise ArtifactError(
+                        f"{self.label}: {redact(url)} answered HTTP {status}; check the URL and that it is "
+                        "reachable from this host."
+                    )
+                if status == 206 and not _range_starts_at(response, have):
+                    hasher, have = self._restart()
+                    failures += 1
+                    continue
+                if status == 200 and have:
+                    hasher, have = self._restart()  # the server ignored Range (or If-Range failed)
+                if not have:
+                    _write_state(state, response)
+                length = response.headers.get("Content-Length")
+                if self.expected_size is None and status == 200 and length and length.isdigit():
+                    self.expected_size = int(length)
+                    if meter:
+                        meter.total = self.expected_size
+                before = have
+                try:
+                    have = self._append(response, hasher, have, meter)
+                except _DROPS:
+                    failures = 0 if have > before else failures + 1
+                    have = self.dest.stat().st_size
+                    continue
+                if self.expected_size is None:
+                    break  # no size known: the end of the body is the end of the file
+                failures = 0 if have > before else failures + 1
+        if self.expected_size is not None and have > self.expected_size:
+            self._restart()
+            raise ArtifactError(
+                f"{self.label}: received {have} bytes, more than the {self.expected_size} announced; "
+                "run again to download it afresh."
+            )
+        if meter:
+            meter.finish()
+        state.unlink(missing_ok=True)
+        return hasher.hexdigest()
+
+    def _resume_point(self, state: Path) -> tuple[hashlib._Hash, int]:
+        hasher = hashlib.sha256()
+        if not self.dest.exists():
+            state.unlink(missing_ok=True)
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self.dest.write_bytes(b"")
+            return hasher, 0
+        usable = self.trusted_partial or bool(_read_state(state).get("validator"))
+        size = self.dest.stat().st_size
+        if not usable or (self.expected_size is not None and size > self.expected_size):
+            return self._restart()
+        with self.dest.open("rb") as handle:  # a killed process left this: hash it and go on
+            while chunk := handle.read(CHUNK):
+                hasher.update(chunk)
+        return hasher, size
+
+    def _restart(self) -> tuple[hashlib._Hash, int]:
+        with self.dest.open("wb"):
+            pass
+        return hashlib.sha256(), 0
+
+    def _append(self, response: requests.Response, hasher: hashlib._Hash, have: int,
+                meter: Meter | None) -> int:
+        fd = os.open(self.dest, os.O_WRONLY | os.O_APPEND)
+        try:
+            for chunk in response.iter_content(CHUNK):
+                os.write(fd, chunk)  # full writes: regular files do not short-write
+                hasher.update(chunk)
+                have += len(chunk)
+                if meter:
+                    meter.advance(len(chunk))
+        finally:
+            os.close(fd)
+        return have
+
+
+def _range_starts_at(response: requests.Response, start: int) -> bool:
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", "").strip())
+    return match is not None and int(match.group(1)) == start
+
+
+def _read_state(state: Path) -> dict[str, str]:
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_state(state: Path, response: requests.Response) -> None:
+    """Remember the validator (ETag, else Last-Modified) so a later process may resume safely."""
+    validator = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
+    if validator.startswith("W/"):
+        validator = ""  # weak validators may not be used with If-Range
+    state.write_text(json.dumps({"validator": validator}))
+
+
+def fetch_url(url: str, cache: Cache, *, kind: str, sha256: str | None,
+              meter: MeterFactory | None = None, say: Callable[[str], None] | None = None) -> Path:
+    """An http(s) URL downloaded once into the cache (keyed by the URL), verified as `kind`."""
+    key = f"url:{url}"
+    label = urlsplit(url).path.rsplit("/", 1)[-1] or redact(url)
+
+    def produce(tmp: Path) -> str:
+        partial = cache.partial(key)
+        with new_session() as session:
+            digest = Transfer(session, lambda: url, partial, label, meter=meter).run()
+        os.replace(partial, tmp)
+        return digest
+
+    def waiting() -> None:
+        if say:
+            say(f"{label}: another process is downloading it; waiting")
+
+    return cache.obtain(key, produce, kind=kind, expected_sha256=sha256, source=redact(url), waiting=waiting)
