@@ -46,8 +46,20 @@ def settings_of(config: pytest.Config) -> Settings:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = settings_of(config)
-    return [f"flightctl-device: libvirt {settings.libvirt_uri}, accel {settings.accel}, "
-            f"network {settings.network}, workdir {settings.workdir}"]
+    lines = [f"flightctl-device: libvirt {settings.libvirt_uri}, accel {settings.accel}, "
+             f"network {settings.network}, workdir {settings.workdir}"]
+    if settings.agent_config is None and settings.agent_certs is None:
+        lines.append("flightctl-device: agent config: a throwaway CA and enrollment certificate "
+                     "(no real enrollment server; give --device-agent-config or --device-agent-certs)")
+    if settings.accel == "auto":
+        from .accel import Accelerator
+
+        verdict = Accelerator("auto", settings.cache_dir / "accel.json").remembered()
+        if verdict is not None:
+            lines.append(f"flightctl-device: KVM {'works' if verdict.get('kvm') else 'does not work'} "
+                         f"here (probed {verdict.get('checked')}); "
+                         f"{'KVM' if verdict.get('kvm') else 'TCG'} will be used")
+    return lines
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +135,129 @@ def agent_qcow2(request: pytest.FixtureRequest, device_artifacts: Artifacts) -> 
 
 
 # -- device VMs: agent_config, device_vm_factory, device_vm ------------------------------------
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .agent import AgentConfig
+    from .vm import DeviceVM, DeviceVMFactory
+
+RUN_ID_KEY = "fcdev_run_id"
+_VMS_KEY = pytest.StashKey[list["DeviceVM"]]()
+_REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+_FACTORY_KEY = pytest.StashKey["DeviceVMFactory"]()
+_MARKER_ARGS = ("variant", "memory_mib", "vcpus", "runcmd", "boot_timeout")
+
+
+def _run_id(config: pytest.Config) -> str:
+    """One id per run, shared by xdist workers (the controller hands it over in workerinput)."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and RUN_ID_KEY in workerinput:
+        return str(workerinput[RUN_ID_KEY])
+    if not hasattr(config, "_fcdev_run_id"):
+        import secrets
+
+        config._fcdev_run_id = secrets.token_hex(4)  # type: ignore[attr-defined]
+    return str(config._fcdev_run_id)  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """xdist controller: give every worker the run id, so VM names share it."""
+    node.workerinput[RUN_ID_KEY] = _run_id(node.config)  # type: ignore[attr-defined]
+
+
+def _worker(config: pytest.Config) -> str:
+    workerinput = getattr(config, "workerinput", None)
+    return str(workerinput["workerid"]) if workerinput else "main"
+
+
+@pytest.fixture(scope="session")
+def agent_config(request: pytest.FixtureRequest) -> AgentConfig:
+    """The agent config and certs every device gets at boot; override it in a conftest to change."""
+    from .agent import load_agent_config, throwaway_agent_config
+
+    settings = settings_of(request.config)
+    if settings.agent_config is None and settings.agent_certs is None:
+        return throwaway_agent_config()
+    return _artifact(settings, lambda: load_agent_config(
+        config=settings.agent_config, certs_dir=settings.agent_certs, server=settings.enrollment_server))
+
+
+@pytest.fixture(scope="session")
+def device_vm_factory(request: pytest.FixtureRequest, agent_config: AgentConfig,
+                      agent_qcow2: Path) -> Iterator[DeviceVMFactory]:
+    """Makes device VMs for this session (or xdist worker); destroys them all at the end."""
+    from .vm import DeviceVMFactory
+
+    config = request.config
+    settings = settings_of(config)
+    factory = DeviceVMFactory(settings, base_image=agent_qcow2, agent=agent_config,
+                              run_id=_run_id(config), worker=_worker(config),
+                              log=_artifact_progress(config))
+    _artifact(settings, factory.check)
+    config.stash[_FACTORY_KEY] = factory
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def device_vm(request: pytest.FixtureRequest, device_vm_factory: DeviceVMFactory) -> Iterator[DeviceVM]:
+    """A fresh, ready device for this test; `@pytest.mark.device(...)` says which."""
+    from .errors import ConfigError as _ConfigError
+
+    marker = request.node.get_closest_marker("device")
+    kwargs = dict(marker.kwargs) if marker else {}
+    unknown = sorted(set(kwargs) - set(_MARKER_ARGS))
+    settings = settings_of(request.config)
+    if unknown or (marker and marker.args):
+        given = unknown or list(marker.args if marker else ())
+        pytest.fail(f"@pytest.mark.device got unexpected arguments {given}; "
+                    f"use keyword arguments from {', '.join(_MARKER_ARGS)}.", pytrace=False)
+    try:
+        vm_request = device_vm_factory.request(**kwargs)
+    except _ConfigError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    vms = request.node.stash.setdefault(_VMS_KEY, [])
+    try:
+        vm = _artifact(settings, lambda: device_vm_factory.create(vm_request))
+    finally:
+        if device_vm_factory.last_failed is not None:
+            vms.append(device_vm_factory.last_failed)
+            device_vm_factory.last_failed = None
+    vms.append(vm)
+    yield vm
+    reports = request.node.stash.get(_REPORTS_KEY, {})
+    failed = any(report.failed for report in reports.values())
+    if failed and settings.keep_vm:
+        command = vm.keep()
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"flightctl-device: kept {vm.name} for {request.node.nodeid}; "
+                                f"log in with: {command}  (remove it with: virsh destroy {vm.name})")
+    else:
+        device_vm_factory.release(vm)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report gets each device's console tail, domain XML and redacted user-data."""
+    report: pytest.TestReport = yield  # type: ignore[assignment]
+    item.stash.setdefault(_REPORTS_KEY, {})[report.when] = report
+    if report.failed:
+        for vm in item.stash.get(_VMS_KEY, []):
+            report.sections.append((f"flightctl-device {vm.name} console (last 50 lines)", vm.console_tail()))
+            report.sections.append((f"flightctl-device {vm.name} domain XML", vm.domain_xml()))
+            report.sections.append((f"flightctl-device {vm.name} user-data (secrets redacted)",
+                                    vm.user_data_redacted()))
+    return report  # type: ignore[return-value]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    factory = terminalreporter.config.stash.get(_FACTORY_KEY, None)
+    if factory is None or not factory.booted:
+        return
+    times = ", ".join(f"{t:.1f}" for t in factory.boot_times)
+    accel = "; ".join(sorted(factory.accel_used))
+    terminalreporter.write_line(f"flightctl-device: {len(factory.boot_times)} device VM(s) booted, "
+                                f"ready after {times} s; acceleration: {accel}")

@@ -336,6 +336,18 @@ class DeviceVMFactory:
         self.process_dir = settings.workdir / f"{janitor.PREFIX}{run_id}-{worker}"
         self.ports_lock = settings.workdir / ".ports.lock"
         self.swept = janitor.Swept()
+        self.boot_times: list[float] = []
+
+    @property
+    def booted(self) -> bool:
+        return bool(self.boot_times)
+
+    def check(self) -> None:
+        """Fail fast (before any boot) when libvirt or qemu-img is missing."""
+        if shutil.which("qemu-img") is None:
+            raise MissingToolError("qemu-img is not installed; install qemu-utils (Debian) or "
+                                   "qemu-img (Fedora).")
+        self.conn  # noqa: B018 - connecting is the check
 
     @property
     def base_image(self) -> Path:
@@ -402,6 +414,7 @@ class DeviceVMFactory:
             if not self.settings.keep_vm:
                 vm.destroy()
             raise
+        self.boot_times.append(vm.boot_seconds)
         return vm
 
     def release(self, vm: DeviceVM) -> None:

@@ -1,0 +1,111 @@
+"""Settings: one knob table, CLI > env > ini > default, and errors that name the option."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pytest_flightctl_device.errors import ConfigError
+from pytest_flightctl_device.settings import KNOBS, Settings, markdown_table
+
+
+def resolve(cli: dict[str, object] | None = None, env: dict[str, str] | None = None,
+            ini: dict[str, object] | None = None) -> Settings:
+    return Settings.resolve(cli or {}, env or {}, ini or {})
+
+
+def test_defaults() -> None:
+    settings = resolve()
+    assert settings.accel == "auto"
+    assert settings.memory_mib == 2048
+    assert settings.network == "user"
+    assert settings.host_forward == ()
+    assert settings.variants == ("base", "v2", "v3", "v4")
+
+
+def test_precedence_cli_over_env_over_ini() -> None:
+    assert resolve(cli={"memory_mib": "512"}, env={"FLIGHTCTL_DEVICE_MEMORY_MIB": "1024"},
+                   ini={"memory_mib": "4096"}).memory_mib == 512
+    assert resolve(env={"FLIGHTCTL_DEVICE_MEMORY_MIB": "1024"}, ini={"memory_mib": "4096"}).memory_mib == 1024
+    assert resolve(ini={"memory_mib": "4096"}).memory_mib == 4096
+
+
+def test_empty_env_counts_as_unset() -> None:
+    assert resolve(env={"FLIGHTCTL_DEVICE_ACCEL": ""}, ini={"accel": "tcg"}).accel == "tcg"
+
+
+@pytest.mark.parametrize(("cli", "needle"), [
+    ({"accel": "hvf"}, "--device-accel 'hvf' is not one of auto, kvm, tcg"),
+    ({"memory_mib": "-5"}, "--device-memory-mib '-5' must be greater than zero"),
+    ({"vcpus": "two"}, "--device-vcpus 'two' is not a whole number"),
+    ({"agent_config": "/nonexistent/config.yaml"}, "--device-agent-config '/nonexistent/config.yaml' "
+                                                   "is not an existing file"),
+    ({"enrollment_server": "http://x:1"}, "--device-enrollment-server 'http://x:1' is not an https:// URL"),
+    ({"host_forward": ["70000"]}, "--device-host-forward '70000' is not a TCP port"),
+    ({"network": "bridge"}, "--device-network 'bridge' is not one of user, isolated"),
+])
+def test_bad_values_name_the_option(cli: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(cli=cli)
+    assert needle in str(info.value)
+
+
+def test_bad_env_value_names_env_var_and_option() -> None:
+    with pytest.raises(ConfigError, match=r"FLIGHTCTL_DEVICE_BOOT_TIMEOUT \(for --device-boot-timeout\)"):
+        resolve(env={"FLIGHTCTL_DEVICE_BOOT_TIMEOUT": "soon"})
+
+
+def test_bad_ini_value_names_ini_key() -> None:
+    with pytest.raises(ConfigError, match=r"ini key device_firmware \(for --device-firmware\)"):
+        resolve(ini={"firmware": "coreboot"})
+
+
+def test_flags_and_lists() -> None:
+    settings = resolve(cli={"keep_vm": True, "host_forward": ["3443", "7443"]},
+                       env={"FLIGHTCTL_DEVICE_REQUIRE": "1"})
+    assert settings.keep_vm is True
+    assert settings.require is True
+    assert settings.host_forward == (3443, 7443)
+    assert resolve(env={"FLIGHTCTL_DEVICE_HOST_FORWARD": "80, 443"}).host_forward == (80, 443)
+    with pytest.raises(ConfigError, match="is not a yes/no value"):
+        resolve(env={"FLIGHTCTL_DEVICE_KEEP_VM": "maybe"})
+
+
+def test_existing_file_is_resolved(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("enrollment-service: {}\n")
+    assert resolve(cli={"agent_config": str(config)}).agent_config == config.resolve()
+
+
+def test_conflicting_sources_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("x: 1\n")
+    with pytest.raises(ConfigError, match="both given"):
+        resolve(cli={"agent_config": str(config), "agent_certs": str(tmp_path)})
+    with pytest.raises(ConfigError, match="needs --device-enrollment-server"):
+        resolve(cli={"agent_certs": str(tmp_path)})
+    with pytest.raises(ConfigError, match="pick one GitHub source"):
+        resolve(cli={"github_pr": "1", "github_run": "2"})
+    with pytest.raises(ConfigError, match="--device-build was given together with a download source"):
+        resolve(cli={"build": True, "github_pr": "1"})
+
+
+def test_every_knob_is_a_settings_field() -> None:
+    fields = set(Settings.__dataclass_fields__)
+    assert {knob.attr for knob in KNOBS} == fields
+
+
+def test_readme_table_matches_the_knobs() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert markdown_table() in readme, "README's options table is stale: paste `python -m pytest_flightctl_device.settings`"
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    root = Path(__file__).parents[2]
+    readme = (root / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    assert len(commands) >= 2, "README must open with two sh blocks: the main job, then the tests"
+    test_command = commands[1].strip()
+    assert test_command in (root / ".ci" / "run").read_text()
