@@ -1,0 +1,369 @@
+"""podman through its API (podman-py): the connection, streamed bundle load and export, image queries.
+
+One connection per service URL per process. When no URL is configured and the default socket does
+not answer, a private `podman system service` is started for the process and stopped (that PID
+only) when the process ends. Loads and exports stream in 1 MiB chunks: podman-py's own
+`images.load` reads the whole file into memory, which a 1 GiB bundle cannot afford.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import podman
+import requests
+from filelock import FileLock
+
+from .errors import ArtifactError, MissingToolError, PodmanError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+Progress = Callable[[str], None]
+
+
+# -- connection ---------------------------------------------------------------------------------
+
+
+def default_socket_url(env: Mapping[str, str] | None = None) -> str:
+    """The socket a podman.socket unit listens on: rootful /run/podman, else the user's runtime dir."""
+    env = os.environ if env is None else env
+    if os.getuid() == 0:
+        return "unix:///run/podman/podman.sock"
+    runtime = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return f"unix://{runtime}/podman/podman.sock"
+
+
+def _answers(url: str, timeout: float = 5.0) -> bool:
+    """True when a podman API service answers /_ping at `url`."""
+    try:
+        with podman.PodmanClient(base_url=url, timeout=timeout) as client:
+            return bool(client.ping())
+    except Exception:  # any transport error means "not answering"
+        return False
+
+
+class PrivateService:
+    """A `podman system service` started for this process on a socket only it knows."""
+
+    def __init__(self, podman_bin: str) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="pftd-podman-"))
+        self.url = f"unix://{self._dir}/podman.sock"
+        self._log = (self._dir / "service.log").open("wb")
+        self.process = subprocess.Popen(
+            [podman_bin, "system", "service", "--time=0", self.url],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self._tail()
+                self.stop()
+                raise PodmanError(f"`podman system service` exited with {self.process.returncode} "
+                                  f"before answering ({tail}); run it by hand to see why.")
+            if (self._dir / "podman.sock").exists() and _answers(self.url, timeout=2.0):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise PodmanError(f"`podman system service` did not answer within {timeout:.0f} s; "
+                          "check `podman info` works for this user.")
+
+    def _tail(self) -> str:
+        self._log.flush()
+        text = (self._dir / "service.log").read_text(errors="replace").strip().splitlines()
+        return " / ".join(text[-3:]) or "no output"
+
+    def stop(self) -> None:
+        """Stop exactly the process this object started, then remove its socket directory."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class Podman:
+    """A connected podman API client, and the private service behind it when there is one."""
+
+    def __init__(self, url: str, service: PrivateService | None = None) -> None:
+        self.url = url
+        self.service = service
+        self.client = podman.PodmanClient(base_url=url, timeout=None)
+
+    @property
+    def api(self) -> Any:
+        return self.client.api
+
+    def close(self) -> None:
+        self.client.close()  # type: ignore[no-untyped-call]
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+    def __enter__(self) -> Podman:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(self.api.get("/info"), "read podman info")
+        return result
+
+    def tag_ids(self) -> dict[str, str]:
+        """Every tag in the store and its image ID (hex). The `reference` filter cannot do this."""
+        images = self._json(self.api.get("/images/json"), "list images")
+        tags: dict[str, str] = {}
+        for image in images:
+            image_id = str(image.get("Id", "")).removeprefix("sha256:")
+            for tag in image.get("RepoTags") or image.get("Names") or []:
+                tags[tag] = image_id
+        return tags
+
+    def image_id(self, ref: str) -> str | None:
+        response = self.api.get(f"/images/{ref}/json")
+        if response.status_code == 404:
+            return None
+        return str(self._json(response, f"inspect image {ref}")["Id"]).removeprefix("sha256:")
+
+    def store_id(self) -> str:
+        """A short stable id of the storage behind this service (graph root + driver)."""
+        store = self.info().get("store", {})
+        text = f"{store.get('graphRoot', '')}|{store.get('graphDriverName', '')}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    # -- streaming transfers ---------------------------------------------------------------------
+
+    def load_stream(self, bundle: Path) -> list[str]:
+        """POST the tar to /images/load in 1 MiB chunks; returns the names podman reports loaded."""
+        def chunks() -> Iterator[bytes]:
+            with bundle.open("rb") as f:
+                while block := f.read(CHUNK):
+                    yield block
+
+        try:
+            response = self.api.post("/images/load", data=chunks(),
+                                     headers={"Content-Type": "application/x-tar"})
+        except requests.RequestException as exc:
+            raise PodmanError(f"podman at {self.url} dropped the load of {bundle} ({exc}); "
+                              "check the service log and free space under /var/tmp.") from None
+        body = self._json(response, f"load {bundle}")
+        return [str(name) for name in body.get("Names") or []]
+
+    def export(self, refs: Sequence[str], dest: Path, progress: Progress | None = None) -> Path:
+        """Write `refs` as one docker-archive (like `podman save -m`): temp file, fsync, rename."""
+        response = self.api.get("/images/export", params={"references": list(refs),
+                                                          "format": "docker-archive"}, stream=True)
+        if response.status_code != 200:
+            self._json(response, f"export {', '.join(refs)}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        tmp = Path(tmp_name)
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for block in response.iter_content(CHUNK):
+                    out.write(block)
+                    written += len(block)
+                out.flush()
+                os.fsync(out.fileno())
+            read_manifest(tmp)  # a truncated stream must not become a bundle
+            tmp.rename(dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            response.close()
+        if progress:
+            progress(f"exported {len(refs)} images to {dest} ({written / 2**20:.0f} MiB)")
+        return dest
+
+    def _json(self, response: Any, what: str) -> Any:
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("message") or response.text
+            except ValueError:
+                detail = response.text
+            raise PodmanError(f"podman at {self.url} could not {what}: {str(detail).strip()[:500]}.")
+        return response.json()
+
+
+def connect(settings: Settings, env: Mapping[str, str] | None = None,
+            default_url: str | None = None) -> Podman:
+    """Connect to --device-podman-url, else CONTAINER_HOST, else the default socket, else a
+    private service. An explicitly given URL that does not answer is an error, never replaced."""
+    env = os.environ if env is None else env
+    explicit = settings.podman_url or env.get("CONTAINER_HOST")
+    if explicit:
+        if not explicit.startswith(("unix://", "tcp://", "http://", "ssh://")):
+            explicit = f"unix://{explicit}" if explicit.startswith("/") else explicit
+        if not _answers(explicit):
+            source = "--device-podman-url" if settings.podman_url else "CONTAINER_HOST"
+            raise PodmanError(f"no podman API service answers at {explicit} ({source}); start one "
+                              f"with `podman system service --time=0 {explicit}` or fix {source}.")
+        return Podman(explicit)
+    url = default_url or default_socket_url(env)
+    if _answers(url):
+        return Podman(url)
+    podman_bin = shutil.which("podman")
+    if podman_bin is None:
+        raise MissingToolError("podman is not installed and no podman API service answers at "
+                               f"{url}; install podman or give --device-podman-url.")
+    service = PrivateService(podman_bin)
+    log.info("started private podman service pid %s at %s", service.pid, service.url)
+    service.wait_ready()
+    return Podman(service.url, service)
+
+
+_shared: dict[tuple[str | None, str | None], Podman] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(settings: Settings) -> Podman:
+    """One connection per process and configuration; closed (private service stopped) at exit."""
+    key = (settings.podman_url, os.environ.get("CONTAINER_HOST"))
+    with _shared_lock:
+        if key not in _shared:
+            if not _shared:
+                atexit.register(close_shared)
+            _shared[key] = connect(settings)
+        return _shared[key]
+
+
+def close_shared() -> None:
+    with _shared_lock:
+        for conn in _shared.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+        _shared.clear()
+
+
+# -- bundles ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    image_id: str
+    tags: tuple[str, ...]
+
+
+def read_manifest(bundle: Path) -> list[ManifestEntry]:
+    """The images a docker-archive claims (its manifest.json), or ArtifactError in one sentence."""
+    problem = "it has no manifest.json"
+    try:
+        with tarfile.open(bundle, "r:") as tar:
+            for member in tar:
+                if member.name.lstrip("./") == "manifest.json" and member.isfile():
+                    handle = tar.extractfile(member)
+                    raw = json.load(handle) if handle else None
+                    entries = [_entry(item) for item in raw] if isinstance(raw, list) else []
+                    if entries:
+                        return entries
+                    problem = "its manifest.json lists no tagged images"
+                    break
+    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
+        problem = f"it cannot be read as a tar ({exc.__class__.__name__})"
+    raise ArtifactError(f"{bundle} is not a docker-archive images bundle ({problem}); give the tar "
+                        "written by `flightctl-device bundle` or `podman save -m`.")
+
+
+def _entry(item: Any) -> ManifestEntry:
+    config = str(item["Config"])
+    image_id = config.rsplit("/", 1)[-1].removesuffix(".json").removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", image_id):
+        raise ValueError(config)
+    return ManifestEntry(image_id, tuple(str(t) for t in item.get("RepoTags") or ()))
+
+
+@dataclass(frozen=True)
+class LoadedImages:
+    """What `agent_images` returns: the expected tags, present in podman with the bundle's IDs.
+
+    `tags` lists `<image_repo>:<variant>-<tag>` in variant order; `by_variant["v2"]` gives one tag;
+    `image_ids` maps every tag to its image ID; `loaded` is False when the load was skipped
+    because the store already held every tag with the same ID.
+    """
+
+    tags: tuple[str, ...]
+    by_variant: Mapping[str, str] = field(default_factory=dict)
+    image_ids: Mapping[str, str] = field(default_factory=dict)
+    loaded: bool = False
+
+    def __getitem__(self, variant: str) -> str:
+        return self.by_variant[variant]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tags)
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+
+def expected_tags(settings: Settings, manifest: Sequence[ManifestEntry] = ()) -> dict[str, str]:
+    """variant -> `<repo>:<variant>-<tag>`. Without --device-image-tag the tag is read from the
+    bundle's base image tag, so a downloaded bundle needs no extra option."""
+    tag = settings.image_tag
+    if tag is None:
+        prefix = f"{settings.image_repo}:base-"
+        found = sorted(t.removeprefix(prefix) for e in manifest for t in e.tags if t.startswith(prefix))
+        if not found:
+            raise ArtifactError(f"the images bundle has no {prefix}<tag> image; give a bundle built "
+                                "with this --device-image-repo or set --device-image-tag.")
+        tag = found[0]
+    return {variant: f"{settings.image_repo}:{variant}-{tag}" for variant in settings.variants}
+
+
+def load_bundle(conn: Podman, bundle: Path, settings: Settings, lock_dir: Path,
+                progress: Progress | None = None) -> LoadedImages:
+    """Load `bundle` at most once per podman store (filelock), then check every expected tag."""
+    manifest = read_manifest(bundle)
+    wanted = expected_tags(settings, manifest)
+    claimed = {tag: entry.image_id for entry in manifest for tag in entry.tags}
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    loaded = False
+    with FileLock(str(lock_dir / f"podman-load-{conn.store_id()}.lock")):
+        present = conn.tag_ids()
+        if any(present.get(tag) != image_id for tag, image_id in claimed.items()):
+            size = bundle.stat().st_size / 2**20
+            if progress:
+                progress(f"loading {bundle.name} ({size:.0f} MiB) into podman at {conn.url}")
+            conn.load_stream(bundle)
+            loaded = True
+            present = conn.tag_ids()
+    missing = [tag for tag in wanted.values() if tag not in present]
+    if missing:
+        raise ArtifactError(f"after loading {bundle} podman lacks {', '.join(missing)}; give a bundle "
+                            "that holds every variant in --device-variants.")
+    stale = [tag for tag, image_id in claimed.items() if present.get(tag) != image_id]
+    if stale:
+        raise PodmanError(f"after loading {bundle} these tags point at other images: "
+                          f"{', '.join(stale)}; remove them with `podman rmi` and run again.")
+    return LoadedImages(tags=tuple(wanted.values()), by_variant=dict(wanted),
+                        image_ids={tag: present[tag] for tag in wanted.values()}, loaded=loaded)
