@@ -99,7 +99,7 @@ def test_every_knob_is_a_settings_field() -> None:
 
 def test_readme_table_matches_the_knobs() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert markdown_table() in readme, "README's options table is stale: paste `python -m pytest_flightctl_device.settings`"
+    assert markdown_table() in readme, "stale README options table: paste python -m pytest_flightctl_device.settings"
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:
