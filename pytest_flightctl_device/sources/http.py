@@ -34,6 +34,13 @@ MeterFactory = Callable[[str, "int | None"], "Meter"]
 _DROPS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may be partial, e.g. near a full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def redact(url: str) -> str:
     """The URL without user info or query string (where signed URLs keep their signatures)."""
     parts = urlsplit(url)
@@ -84,6 +91,7 @@ class Transfer:
         if meter:
             meter.start(have)
         url = self.url()
+        stale = False
         failures = 0
         hops = 0
         while self.expected_size is None or have < self.expected_size:
@@ -94,6 +102,8 @@ class Transfer:
                 )
             if failures:
                 time.sleep(min(self.backoff * 2 ** (failures - 1), 30.0))
+            if stale:  # ask for a fresh signed URL only now, after the back-off, so it is still valid
+                url, stale = self.url(), False
             headers = {"Range": f"bytes={have}-"} if have else {}
             validator = _read_state(state).get("validator")
             if have and validator and not self.refreshable:
@@ -114,7 +124,7 @@ class Transfer:
                     url = urljoin(url, response.headers["Location"])
                     continue
                 if status in (401, 403, 410) and self.refreshable:
-                    url = self.url()  # the signed URL expired: ask for a fresh one, then resume
+                    stale = True  # the signed URL expired: a fresh one, then resume
                     failures += 1
                     continue
                 if status == 429 or status >= 500:
@@ -188,7 +198,7 @@ class Transfer:
         fd = os.open(self.dest, os.O_WRONLY | os.O_APPEND)
         try:
             for chunk in response.iter_content(CHUNK):
-                os.write(fd, chunk)  # full writes: regular files do not short-write
+                write_all(fd, chunk)
                 hasher.update(chunk)
                 have += len(chunk)
                 if meter:

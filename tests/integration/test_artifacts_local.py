@@ -99,7 +99,7 @@ def test_local_bundle_checked_for_repo_tags(tmp_path: Path) -> None:
     with tarfile.open(bad, "w") as tar:
         info = tarfile.TarInfo("other.txt")
         tar.addfile(info, io.BytesIO(b""))
-    with pytest.raises(ConfigError, match="no manifest.json with RepoTags"):
+    with pytest.raises(ConfigError, match=r"no manifest\.json with RepoTags"):
         Artifacts(settings(tmp_path, bundle=str(bad))).bundle()
 
 
