@@ -1,0 +1,81 @@
+"""The Debian test guest: a real systemd + cloud-init + OpenSSH system standing in for the device image.
+
+`mmdebstrap --variant=minbase bookworm` with the packages below pinned to the versions in the cache
+key, then the customize hook (files/debian) adds the settings of a flightctl device image: NoCloud as
+the only datasource, ed25519 host keys generated at first boot, `user`/`user` with passwordless sudo,
+systemd-networkd with DHCP, and a FAKE flightctl-agent.service (see its unit file). Booted through
+SYSLINUX from a FAT partition like the tiny guest (disk.py); `net.ifnames=0` names the NIC eth0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.guest import disk
+
+FILES = Path(__file__).parent / "files" / "debian"
+SUITE = "bookworm"
+MIRRORS = [
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+]
+PACKAGES = [
+    "systemd-sysv", "udev", "dbus", "initramfs-tools", "cloud-init", "openssh-server", "sudo",
+    "iproute2", "isc-dhcp-client", "less",
+]
+HOST_PACKAGES = [*disk.HOST_TOOLS, "mmdebstrap"]
+APPEND = "root=LABEL=fcdev-root rw console=ttyS0,115200 net.ifnames=0"
+EXCLUDES = ["/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*",
+            "/usr/share/lintian/*", "/usr/share/bug/*"]
+
+
+def recipe_files() -> list[Path]:
+    """Every file whose bytes shape the image (for the cache key)."""
+    return sorted(p for p in FILES.rglob("*") if p.is_file())
+
+
+def _mmdebstrap(pins: dict[str, str], root: Path) -> None:
+    q = shlex.quote
+    cmd = [
+        "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory", "--quiet",
+        "--aptopt=APT::Install-Recommends \"false\"",
+        f"--include={','.join(f'{n}={v}' for n, v in sorted(pins.items()))}",
+        *[f"--dpkgopt=path-exclude={p}" for p in EXCLUDES],
+        "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+        f"--setup-hook=sh {q(str(FILES / 'setup.sh'))} \"$1\" {q(str(FILES / 'rootfs'))}",
+        f"--customize-hook=sh {q(str(FILES / 'customize.sh'))} \"$1\" {q(str(FILES / 'rootfs'))}",
+        SUITE, str(root), *MIRRORS,
+    ]
+    env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000", LC_ALL="C.UTF-8")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mmdebstrap failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
+
+
+def build(versions: dict[str, str], deb_dir: Path, work: Path, out_qcow2: Path) -> None:
+    """Build the Debian guest image at `out_qcow2` (`deb_dir` is unused: mmdebstrap fetches)."""
+    del deb_dir
+    if os.geteuid() != 0:
+        raise RuntimeError("the debian guest is built with `mmdebstrap --mode=root`; run the build as root")
+    kernel_pkg = next(n for n in versions if re.fullmatch(r"linux-image-\d.*-cloud-amd64", n))
+    pins = {n: versions[n] for n in [*PACKAGES, "linux-image-cloud-amd64", kernel_pkg]}
+    root = work / "root"
+    _mmdebstrap(pins, root)
+    root.chmod(0o755)
+    boot = work / "boot"
+    boot.mkdir()
+    vmlinuz = next((root / "boot").glob("vmlinuz-*"))
+    initrd = next((root / "boot").glob("initrd.img-*"))
+    shutil.copyfile(vmlinuz, boot / "vmlinuz")
+    shutil.move(initrd, boot / "initrd.img")  # generated, owned by no package: not needed on the root
+    for link in ("initrd.img", "initrd.img.old"):
+        (root / link).unlink(missing_ok=True)
+    spec = disk.DiskSpec(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", append=APPEND,
+                         root_dir=root, fat_mib=64, root_free_mib=512)
+    disk.assemble(spec, work, out_qcow2)

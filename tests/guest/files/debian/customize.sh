@@ -1,0 +1,24 @@
+#!/bin/sh
+# mmdebstrap customize hook of the Debian test guest: $1 = the new root, $2 = files/debian/rootfs.
+set -eu
+umask 022
+root=$1
+files=$2
+# Explicit modes: a git checkout keeps only the exec bit.
+(cd "$files" && find . -type f) | while IFS= read -r f; do
+    mkdir -p "$root/$(dirname "$f")"
+    cp "$files/$f" "$root/$f"
+    if [ -x "$files/$f" ]; then chmod 0755 "$root/$f"; else chmod 0644 "$root/$f"; fi
+done
+chmod 0440 "$root/etc/sudoers.d/fcdev-user"
+chroot "$root" useradd --create-home --shell /bin/bash --groups sudo user
+echo 'user:user' | chroot "$root" chpasswd
+chroot "$root" systemctl enable systemd-networkd.service flightctl-agent.path
+chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer \
+    e2scrub_reap.service systemd-pstore.service
+# Each guest is a new machine: no host keys, no machine id in the image.
+rm -f "$root"/etc/ssh/ssh_host_*
+: > "$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id"
+printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' > "$root/etc/hosts"
+rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/var/log/*.log "$root"/var/cache/debconf/*-old
