@@ -232,7 +232,8 @@ def _write_state(state: Path, response: requests.Response) -> None:
 def fetch_url(url: str, cache: Cache, *, kind: str, sha256: str | None,
               meter: MeterFactory | None = None, say: Callable[[str], None] | None = None) -> Path:
     """An http(s) URL downloaded once into the cache (keyed by the URL), verified as `kind`."""
-    key = f"url:{url}"
+    # the key never holds credentials or a signed query string in clear; a hash keeps URLs apart
+    key = f"url:{redact(url)}#{hashlib.sha256(url.encode()).hexdigest()[:16]}"
     label = urlsplit(url).path.rsplit("/", 1)[-1] or redact(url)
 
     def produce(tmp: Path) -> str:
