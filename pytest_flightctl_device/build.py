@@ -28,6 +28,9 @@ from .podman import Podman, Progress
 from .settings import Settings
 
 TAIL_LINES = 25
+# Without an explicit OCI format the API builds docker-format images whose layers podman 4.3 never
+# takes from its build cache; the podman CLI's default is OCI too.
+OCI = "application/vnd.oci.image.manifest.v1+json"
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}")
 
 
@@ -125,7 +128,8 @@ def build_one(conn: Podman, plan_: BuildPlan, variant: str, progress: Progress) 
     """Build one Containerfile; returns the image ID. Variants never pull."""
     args = dict(plan_.build_args)
     params: dict[str, object] = {"dockerfile": f"Containerfile-{variant}", "t": plan_.ref(variant),
-                                 "layers": True, "rm": True, "forcerm": True}
+                                 "layers": "true", "rm": "true", "forcerm": "true",
+                                 "outputformat": OCI}
     if variant == "base":
         args["BASE_IMAGE"] = plan_.base_image
         params["pullpolicy"] = "missing"

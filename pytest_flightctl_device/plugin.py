@@ -133,6 +133,34 @@ def agent_qcow2(request: pytest.FixtureRequest, device_artifacts: Artifacts) -> 
 
 # -- images: agent_images -----------------------------------------------------------------------
 
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    from .podman import LoadedImages
+
+
+@pytest.fixture(scope="session")
+def agent_images(request: pytest.FixtureRequest,
+                 agent_images_bundle: Path) -> Generator[LoadedImages, None, None]:
+    """The bundle's images loaded into podman, at most once per podman store (a file lock serialises
+    workers; a store that already holds every tag with the same image ID is not loaded again).
+
+    Returns a LoadedImages: `.tags` lists `<image_repo>:<variant>-<tag>` in variant order,
+    `images["v2"]` gives one variant's tag, `.image_ids` maps tag -> image ID.
+    """
+    from . import podman
+
+    settings = settings_of(request.config)
+    progress = _artifact_progress(request.config)
+
+    def load() -> LoadedImages:
+        conn = podman.shared(settings)
+        return podman.load_bundle(conn, agent_images_bundle, settings, settings.cache_dir / "locks",
+                                  progress)
+
+    yield _artifact(settings, load)
+    podman.close_shared()  # stops a private podman service this session started, by its PID
+
 
 # -- device VMs: agent_config, device_vm_factory, device_vm ------------------------------------
 

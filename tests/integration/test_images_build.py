@@ -69,7 +69,7 @@ def test_build_tags_every_variant_on_the_new_base(podman_conn: podman.Podman, bu
 
 
 def test_build_streams_prefixed_output_and_uses_the_rpms(podman_conn: podman.Podman, built) -> None:
-    _settings_, images, lines = built
+    _, images, lines = built
     for variant in ("base", "v2", "v3", "v4"):
         assert any(line.startswith(f"[{variant}] ") for line in lines), variant
     assert _run(podman_conn, images.refs["v3"], "cat", "/etc/agent-rpms").split() == [
