@@ -282,13 +282,17 @@ def read_manifest(bundle: Path) -> list[ManifestEntry]:
             for member in tar:
                 if member.name.lstrip("./") == "manifest.json" and member.isfile():
                     handle = tar.extractfile(member)
-                    raw = json.load(handle) if handle else None
-                    entries = [_entry(item) for item in raw] if isinstance(raw, list) else []
+                    try:
+                        raw = json.load(handle) if handle else None
+                        entries = [_entry(item) for item in raw] if isinstance(raw, list) else []
+                    except (ValueError, KeyError, TypeError):
+                        entries, problem = [], "its manifest.json is malformed"
+                        break
                     if entries:
                         return entries
                     problem = "its manifest.json lists no tagged images"
                     break
-    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
+    except (tarfile.TarError, OSError) as exc:
         problem = f"it cannot be read as a tar ({exc.__class__.__name__})"
     raise ArtifactError(f"{bundle} is not a docker-archive images bundle ({problem}); give the tar "
                         "written by `flightctl-device bundle` or `podman save -m`.")

@@ -1,0 +1,45 @@
+"""The private podman service: started when nothing answers, stopped by its own PID."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pytest_flightctl_device import podman
+from pytest_flightctl_device.settings import Settings
+from tests.helpers import require_tool
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); read its state
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def test_private_service_for_the_session_then_stopped(tmp_path: Path) -> None:
+    require_tool("podman")
+    conn = podman.connect(Settings(), env={}, default_url=f"unix://{tmp_path}/absent.sock")
+    service = conn.service
+    assert service is not None
+    pid, socket_dir = service.pid, Path(conn.url.removeprefix("unix://")).parent
+    assert _alive(pid) and socket_dir.is_dir()
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:4] == [b"system", b"service", b"--time=0"]
+    assert conn.info()["store"]["graphRoot"]
+    assert isinstance(conn.tag_ids(), dict)
+    conn.close()
+    assert not _alive(pid) and not socket_dir.exists()
+
+
+def test_an_answering_service_is_reused_not_started(tmp_path: Path) -> None:
+    require_tool("podman")
+    first = podman.connect(Settings(), env={}, default_url=f"unix://{tmp_path}/absent.sock")
+    try:
+        with podman.connect(Settings(podman_url=first.url), env={}) as second:
+            assert second.service is None and second.url == first.url
+            assert second.store_id() == first.store_id()
+    finally:
+        first.close()
