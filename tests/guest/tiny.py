@@ -150,7 +150,8 @@ def build(versions: dict[str, str], deb_dir: Path, work: Path, out_qcow2: Path) 
     _copy_tree(FILES / "rootfs", root)
     for rel, mode in [("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("run", 0o755), ("tmp", 0o1777),
                       ("root", 0o700), ("home/user", 0o755), ("var/lib/cloud", 0o755),
-                      ("etc/dropbear", 0o755), ("mnt", 0o755), ("var/log", 0o755)]:
+                      ("etc/dropbear", 0o755), ("mnt", 0o755), ("var/log", 0o755),
+                      ("var/tmp", 0o1777)]:
         (root / rel).mkdir(parents=True, exist_ok=True)
         (root / rel).chmod(mode)
     sftp = root / "usr" / "lib" / "sftp-server"  # where dropbear looks for it

@@ -359,3 +359,52 @@ def test_debian_guest_runs_cloud_init_and_the_fake_agent(
         assert url in guest.run("sudo journalctl -b -u flightctl-agent.service -o cat").stdout
         assert guest.run("sudo ls /etc/ssh").stdout.split().count("ssh_host_ed25519_key") == 1
         assert "ssh_host_rsa_key" not in guest.run("sudo ls /etc/ssh").stdout
+
+
+def test_tiny_reader_parses_what_seed_py_renders(tmp_path: Path) -> None:
+    """The tiny guest's awk reader, run with busybox on the host, reads seed.py's user-data as PyYAML does."""
+    import yaml
+
+    from pytest_flightctl_device.agent import AgentFile
+    from pytest_flightctl_device.seed import SeedSpec, render_user_data
+
+    busybox = require_tool("busybox")
+    awk_prog = Path(__file__).parents[1] / "guest/files/tiny/rootfs/usr/lib/fcdev/cloud-config.awk"
+    spec = SeedSpec(
+        instance_id="i-0123abcd", hostname="fcdev-abc-main-1", authorized_key="ssh-ed25519 AAAAC3NzaKEY fcdev",
+        files=(AgentFile("/etc/flightctl/config.yaml", b"enrollment-service: {}\n", 0o600),
+               AgentFile("/etc/flightctl/certs/ca.crt", bytes(range(256)), 0o644, "root:root")),
+        runcmd=("echo 'single' \"double\" \\back $HOME", "printf 'tab\\there\\n' # not: a comment",
+                "echo caf\u00e9 \u2603 \U0001f600 \x01 end"),
+    )
+    text = render_user_data(spec)
+    (tmp_path / "ud").write_text(text)
+    proc = subprocess.run([busybox, "awk", "-v", f"OUTDIR={tmp_path}", "-f", str(awk_prog), str(tmp_path / "ud")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    plan = [line.split("\t") for line in proc.stdout.splitlines()]
+    expected = yaml.safe_load(text)
+    assert ["hostname", expected["hostname"]] in plan
+    assert ["key", "user", expected["users"][0]["ssh_authorized_keys"][0]] in plan
+    assert ["final", expected["final_message"]] in plan
+    files = [row for row in plan if row[0] == "file"]
+    assert len(files) == len(expected["write_files"])
+    for row, want in zip(files, expected["write_files"], strict=True):
+        assert row[2:6] == [want["path"], want["owner"], want["permissions"], "b64"]
+        content = (tmp_path / f"file.{row[1]}").read_text()
+        assert base64.b64decode(content) == base64.b64decode(want["content"])
+    # Each runcmd line, read back by a shell, is exactly the argv PyYAML sees.
+    script = (tmp_path / "runcmd").read_bytes()
+    dump = "for a in \"$@\"; do printf '%s\\0' \"$a\"; done; printf '\\n'"
+    lines = script.decode().splitlines()
+    assert len(lines) == len(expected["runcmd"])
+    for line, argv in zip(lines, expected["runcmd"], strict=True):
+        got = subprocess.run(["sh", "-c", f"set -- {line}; {dump}"], capture_output=True, check=True).stdout
+        assert got.rstrip(b"\n").split(b"\0")[:-1] == [a.encode() for a in argv]
+
+    (tmp_path / "bad").write_text(text.replace("  - path:", "  - path: [oops]\n    mode:", 1).replace(
+        "#cloud-config", "#cloud-config\nruncmd: echo not-a-list"))
+    bad = subprocess.run([busybox, "awk", "-v", f"OUTDIR={tmp_path}", "-f", str(awk_prog), str(tmp_path / "bad")],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2
+    assert "runcmd must be a block sequence" in bad.stderr

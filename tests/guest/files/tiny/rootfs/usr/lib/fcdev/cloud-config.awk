@@ -25,6 +25,22 @@ function indent_of(s,    m) {
     return RLENGTH
 }
 
+function hexval(h,    v, k, d) {
+    if (h !~ /^[0-9A-Fa-f]+$/) fail("bad hex escape")
+    v = 0
+    for (k = 1; k <= length(h); k++) v = v * 16 + index("0123456789abcdef", tolower(substr(h, k, 1))) - 1
+    return v
+}
+
+# The UTF-8 bytes of code point `cp` (YAML \x, \u and \U escapes name code points).
+function utf8(cp) {
+    if (cp == 0) fail("NUL characters are not supported")
+    if (cp < 128) return sprintf("%c", cp)
+    if (cp < 2048) return sprintf("%c%c", 192 + int(cp / 64), 128 + cp % 64)
+    if (cp < 65536) return sprintf("%c%c%c", 224 + int(cp / 4096), 128 + int(cp / 64) % 64, 128 + cp % 64)
+    return sprintf("%c%c%c%c", 240 + int(cp / 262144), 128 + int(cp / 4096) % 64, 128 + int(cp / 64) % 64, 128 + cp % 64)
+}
+
 # Unquote one YAML scalar: 'single' (with ''), "double" (with \ escapes), or plain (trailing # comment cut).
 function scalar(s,    out, i, c, n) {
     sub(/^[ \t]+/, "", s)
@@ -48,10 +64,18 @@ function scalar(s,    out, i, c, n) {
             if (c == "\\") {
                 i++
                 c = substr(s, i, 1)
+                n = (c == "x") ? 2 : (c == "u") ? 4 : (c == "U") ? 8 : 0
+                if (n) { out = out utf8(hexval(substr(s, i + 1, n))); i += n; continue }
                 if (c == "n") c = "\n"
                 else if (c == "t") c = "\t"
                 else if (c == "r") c = "\r"
-                else if (c == "0") c = ""
+                else if (c == "a") c = sprintf("%c", 7)
+                else if (c == "b") c = sprintf("%c", 8)
+                else if (c == "e") c = sprintf("%c", 27)
+                else if (c == "f") c = sprintf("%c", 12)
+                else if (c == "v") c = sprintf("%c", 11)
+                else if (c == "0") fail("NUL characters are not supported")
+                else if (c != "\\" && c != "\"" && c != "/" && c != " ") fail("unsupported escape \\" c)
                 out = out c
                 continue
             }
