@@ -201,7 +201,8 @@ def test_truncated_body_without_length_resumes(gh: GitHubEmulator, payloads: dic
 def test_expired_signed_url_gets_a_fresh_one_and_resumes(gh: GitHubEmulator, payloads: dict[str, Path],
                                                          tmp_path: Path) -> None:
     run, bundle, _ = standard_run(gh, payloads)
-    gh.url_ttl = 0.2  # the client's first retry waits longer than this
+    gh.url_ttl = 0.2
+    gh.throttle = 4e6  # the first MiB takes ~0.25 s: the URL has expired when the client resumes
     gh.drop_after[bundle.id] = 1 << 20
     path = Artifacts(settings(gh, tmp_path, github_run=str(run.id))).bundle()
     assert digest(path) == digest(payloads["bundle"])
