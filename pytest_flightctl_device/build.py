@@ -164,10 +164,7 @@ def _remove_leftovers(conn: Podman, from_ref: str, since: float) -> None:
     from_id = conn.image_id(from_ref)
     if from_id is None:
         return
-    listing = conn.api.get("/images/json", params={"all": True})
-    if listing.status_code != 200:
-        return
-    images = listing.json()
+    images = conn.list_images(all_images=True)
     parents = {str(i["Id"]).removeprefix("sha256:"): str(i.get("ParentId") or "").removeprefix("sha256:")
                for i in images}
     for image in images:

@@ -137,9 +137,19 @@ class Podman:
         result: dict[str, Any] = self._json(self.api.get("/info"), "read podman info")
         return result
 
+    def list_images(self, *, all_images: bool = False) -> list[dict[str, Any]]:
+        """/images/json, retried: podman 4.3 fails a listing that races an image removal elsewhere."""
+        for _attempt in range(5):
+            response = self.api.get("/images/json", params={"all": all_images})
+            if response.status_code != 500 or "image not known" not in response.text:
+                break
+            time.sleep(0.2)
+        images: list[dict[str, Any]] = self._json(response, "list images")
+        return images
+
     def tag_ids(self) -> dict[str, str]:
         """Every tag in the store and its image ID (hex). The `reference` filter cannot do this."""
-        images = self._json(self.api.get("/images/json"), "list images")
+        images = self.list_images()
         tags: dict[str, str] = {}
         for image in images:
             image_id = str(image.get("Id", "")).removeprefix("sha256:")
