@@ -65,6 +65,8 @@ def render(spec: DomainSpec) -> str:
     features = "<features><acpi/><apic/></features>"
     metadata = f"<{METADATA_KEY}:owner xmlns:{METADATA_KEY}='{METADATA_NS}' {_owner_attrs(spec, spec.keep)}/>"
     kind = "kvm" if spec.kvm else "qemu"
+    # libvirt does not know about the NIC we add: pin it to a slot libvirt leaves free.
+    bus = "pcie.0" if spec.firmware == "uefi" else "pci.0"
     return f"""<domain type='{kind}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{escape(spec.name)}</name>
   <metadata>{metadata}</metadata>
@@ -101,7 +103,7 @@ def render(spec: DomainSpec) -> str:
     <qemu:arg value='-netdev'/>
     <qemu:arg value={quoteattr(netdev)}/>
     <qemu:arg value='-device'/>
-    <qemu:arg value='virtio-net-pci,netdev=fcnet0,mac={spec.mac},romfile='/>
+    <qemu:arg value='virtio-net-pci,netdev=fcnet0,mac={spec.mac},romfile=,bus={bus},addr=0x10'/>
   </qemu:commandline>
 </domain>
 """

@@ -143,8 +143,12 @@ def _variants(text: str) -> tuple[str, ...]:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pytest-flightctl-device"
+    """XDG for users; /var/cache for root, whose qemu (another user) cannot traverse /root."""
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "pytest-flightctl-device"
+    if os.getuid() == 0:
+        return Path("/var/cache/pytest-flightctl-device")
+    return Path.home() / ".cache" / "pytest-flightctl-device"
 
 
 def default_workdir() -> Path:
@@ -240,7 +244,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("qcow2-artifact", "Name prefix of the qcow2 artifact.", _text, "agent-qcow2-image",
          metavar="PREFIX"),
     Knob("cache-dir", "Content-addressed artifact cache shared by workers and runs.", _dir_path,
-         default_cache_dir, "$XDG_CACHE_HOME/pytest-flightctl-device", metavar="DIR"),
+         default_cache_dir, "$XDG_CACHE_HOME/pytest-flightctl-device (root: /var/cache/...)",
+         metavar="DIR"),
     Knob("cache-max-gb", "Prune least recently used cache entries above this size.",
          _positive_float, metavar="GB"),
     # -- images: local build, podman, bootc-image-builder -------------------------------------

@@ -11,6 +11,7 @@ import os
 import shlex
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +59,54 @@ class CommandResult:
         return self.exit_code == 0
 
 
-def ssh_banner(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
-    """True once sshd answers with its banner: slirp accepts a bare connect before sshd runs."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as conn:
-            conn.settimeout(timeout)
-            return conn.recv(4).startswith(b"SSH-")
-    except OSError:
+class BannerWatch:
+    """Watches for the SSH banner without blocking the readiness loop.
+
+    slirp accepts a connection on the forwarded port before sshd listens, and under TCG the
+    banner of a listening sshd can take seconds to cross slirp. So one connection is kept
+    pending across polls and checked without waiting; it is replaced when the guest closes it
+    or after `patience` seconds without a banner.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", patience: float = 10.0) -> None:
+        self.address = (host, port)
+        self.patience = patience
+        self._sock: socket.socket | None = None
+        self._since = 0.0
+        self._data = b""
+
+    def poll(self) -> bool:
+        """True once a banner arrived; never blocks for more than a local connect."""
+        if self._sock is None:
+            try:
+                self._sock = socket.create_connection(self.address, timeout=0.5)
+            except OSError:
+                return False
+            self._sock.setblocking(False)
+            self._since = time.monotonic()
+            self._data = b""
+        try:
+            chunk = self._sock.recv(64)
+        except BlockingIOError:
+            if time.monotonic() - self._since > self.patience:
+                self.close()
+            return False
+        except OSError:
+            self.close()
+            return False
+        if not chunk:
+            self.close()
+            return False
+        self._data += chunk
+        if self._data.startswith(b"SSH-"):
+            self.close()
+            return True
         return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 class SshClient:

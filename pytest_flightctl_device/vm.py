@@ -31,7 +31,7 @@ from .owner import Owner
 from .ports import port_reservation
 from .seed import SeedSpec, new_instance_id, ready_marker, redacted_user_data, write_seed_iso
 from .settings import VARIANTS, Settings
-from .ssh import CommandResult, KeyPair, SshClient, generate_keypair, ssh_banner
+from .ssh import BannerWatch, CommandResult, KeyPair, SshClient, generate_keypair
 
 POLL_S = 0.2
 LOGIN_USER = "user"
@@ -62,8 +62,8 @@ def create_overlay(base: Path, overlay: Path) -> None:
     proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
                            str(overlay)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise ConfigError(f"cannot create an overlay over {base}: {proc.stderr.strip()}; "
-                          "give a qcow2 image with --device-qcow2.")
+        why = " ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
+        raise ConfigError(f"cannot create an overlay over {base} ({why}); give a qcow2 image with --device-qcow2.")
     os.chmod(overlay, 0o600)
 
 
@@ -226,8 +226,12 @@ class DeviceVM:
     def _start_probing(self, choice: Choice) -> Choice:
         """Boot under KVM and trust it only if the kernel prints; else restart under TCG."""
         accelerator = self._factory.accelerator
-        self._start(kvm=True)
-        works, reason = watch_kernel(self._console, self.is_active)
+        try:
+            self._start(kvm=True)
+        except BootError as exc:
+            works, reason = False, f"qemu did not start under KVM ({_first_line(str(exc))})"
+        else:
+            works, reason = watch_kernel(self._console, self.is_active)
         if accelerator.mode == "auto":
             accelerator.record(works, reason)
         if works:
@@ -239,6 +243,7 @@ class DeviceVM:
                             f"Last console lines:\n{self.console_tail(20)}")
         self._factory.log(f"KVM does not work on this host ({reason}); using TCG (software emulation).")
         self._console = ConsoleLog(self.console_path)
+        self._start(kvm=False)
         return Choice(False, False, f"TCG (KVM probe failed: {reason})")
 
     def _start(self, kvm: bool) -> None:
@@ -268,11 +273,26 @@ class DeviceVM:
                     last_error = exc.get_error_message() or str(exc)
                     if "host forwarding" not in last_error and "Address already in use" not in last_error:
                         break
+        if "Permission denied" in last_error and "backing file" in last_error:
+            raise ConfigError(
+                f"libvirt's qemu cannot read the base image {factory.base_image} (a parent directory is "
+                "not traversable for the user qemu runs as); put the qcow2 under a directory every user "
+                "can traverse, such as /var/tmp, or use --device-libvirt-uri qemu:///session.")
         raise BootError(f"libvirt could not start device VM {self.name}: {last_error}")
 
     def _wait_ready(self, since: int, deadline: float) -> None:
         """Poll (every POLL_S) for the SSH banner and cloud-init's final message; fail fast."""
         marker = ready_marker(self.instance_id)
+        watch = BannerWatch(self.ssh_port)
+        try:
+            self._poll_ready(since, deadline, marker, watch)
+        finally:
+            watch.close()
+        self._check_cloud_init()
+        for port in self._factory.settings.host_forward:
+            self.ssh.forward_remote(port)
+
+    def _poll_ready(self, since: int, deadline: float, marker: str, watch: BannerWatch) -> None:
         banner = False
         while True:
             self._console.refresh()
@@ -280,9 +300,9 @@ class DeviceVM:
             if not self.is_active():
                 raise BootError(f"device VM {self.name} stopped before it was ready; "
                                 f"last console lines:\n{self.console_tail()}")
-            banner = banner or ssh_banner(self.ssh_port, timeout=POLL_S)
+            banner = banner or watch.poll()
             if banner and marker in self._console.text[since:]:
-                break
+                return
             if time.monotonic() > deadline:
                 state = (f"SSH banner {'seen' if banner else 'not seen'}, cloud-init "
                          f"{'finished' if marker in self._console.text[since:] else 'not finished'}")
@@ -290,9 +310,6 @@ class DeviceVM:
                                 f"raise --device-boot-timeout if the guest is just slow); "
                                 f"last 50 console lines:\n{self.console_tail()}")
             time.sleep(POLL_S)
-        self._check_cloud_init()
-        for port in self._factory.settings.host_forward:
-            self.ssh.forward_remote(port)
 
     def _fail_on_console(self, since: int) -> None:
         for pattern, what in ((PANIC, "the guest kernel panicked"),
@@ -310,6 +327,11 @@ class DeviceVM:
             raise BootError(f"device VM {self.name}: cloud-init did not finish cleanly "
                             f"(exit {result.exit_code}):\n{status}\n"
                             f"last console lines:\n{self.console_tail(20)}")
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
 
 
 class DeviceVMFactory:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,11 +137,19 @@ def test_cloud_init_failure_fails_fast(tiny_factory: DeviceVMFactory) -> None:
     assert "last console lines" in str(info.value) or "cloud-init did not finish cleanly" in str(info.value)
 
 
-def test_a_guest_that_never_boots(make_factory: FactoryMaker, tmp_path: Path) -> None:
-    blank = tmp_path / "blank.qcow2"
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory libvirt's qemu (another user under qemu:///system) can traverse."""
+    path = Path(tempfile.mkdtemp(prefix="fcdev-test-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_guest_that_never_boots(make_factory: FactoryMaker, shared_dir: Path) -> None:
+    blank = shared_dir / "blank.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
     blank.chmod(0o644)
-    tmp_path.chmod(0o755)
     factory = make_factory(blank, memory_mib=128, vcpus=1, boot_timeout=30.0)
     with pytest.raises(BootError, match="found nothing to boot") as info:
         factory.create()
@@ -173,3 +183,15 @@ def test_marker_values_are_checked(tiny_factory: DeviceVMFactory) -> None:
         tiny_factory.request(variant="v9")
     with pytest.raises(ConfigError, match="memory_mib=-1 must be a positive number"):
         tiny_factory.request(memory_mib=-1)
+
+
+def test_a_base_image_qemu_cannot_read(make_factory: FactoryMaker, tiny_guest: Path, tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    base = private / "disk.qcow2"
+    shutil.copyfile(tiny_guest, base)
+    factory = make_factory(base)
+    if not factory.settings.libvirt_uri.startswith("qemu:///system"):
+        pytest.skip("only qemu:///system runs qemu as another user")  # qemu:///session reads it fine
+    with pytest.raises(ConfigError, match=rf"libvirt's qemu cannot read the base image {base} .*/var/tmp"):
+        factory.create()
