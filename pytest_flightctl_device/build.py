@@ -28,6 +28,8 @@ from .podman import Podman, Progress
 from .settings import Settings
 
 TAIL_LINES = 25
+# Errors podman 4.3 reports when another process removes images while a build checks its cache.
+_STORE_RACES = ("layer not known", "image not known")
 # Without an explicit OCI format the API builds docker-format images whose layers podman 4.3 never
 # takes from its build cache; the podman CLI's default is OCI too.
 OCI = "application/vnd.oci.image.manifest.v1+json"
@@ -140,13 +142,18 @@ def build_one(conn: Podman, plan_: BuildPlan, variant: str, progress: Progress) 
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     image_id = None
     started = time.time()
-    with _context_tar(plan_.containerfiles, plan_.rpms, variant == "base") as context:
-        try:
-            response = conn.api.post("/build", params=params, data=context, stream=True,
-                                     headers={"Content-Type": "application/x-tar"})
-            error = _follow(response, variant, tail, progress)
-        except requests.RequestException as exc:
-            error = f"connection to podman lost ({exc})"
+    for attempt in range(1, 4):
+        with _context_tar(plan_.containerfiles, plan_.rpms, variant == "base") as context:
+            try:
+                response = conn.api.post("/build", params=params, data=context, stream=True,
+                                         headers={"Content-Type": "application/x-tar"})
+                error = _follow(response, variant, tail, progress)
+            except requests.RequestException as exc:
+                error = f"connection to podman lost ({exc})"
+        if error is None or not any(m in error for m in _STORE_RACES) or attempt == 3:
+            break
+        # another process removed an image while the cache was being checked: the build is fine
+        progress(f"[{variant}] retrying: the image store changed during the build ({error})")
     if error is None and tail:
         last = tail[-1].strip()
         image_id = last if re.fullmatch(r"[0-9a-f]{64}", last) else conn.image_id(plan_.ref(variant))
