@@ -22,7 +22,8 @@ def test_auto_probes_once_and_remembers(make_factory: FactoryMaker, tiny_guest: 
         assert vm.accel == ("kvm" if verdict["kvm"] else "tcg")
         assert vm.run("echo up").stdout == "up\n"
         if not verdict["kvm"]:
-            assert "no guest kernel output under KVM" in verdict["reason"]
+            # Broken nested KVM shows as qemu aborting at start or as a kernel that never prints.
+            assert "did not start under KVM" in verdict["reason"] or "no guest kernel output" in verdict["reason"]
             assert "Linux version" in vm.console_text()  # the TCG boot that replaced the probe
     finally:
         factory.release(vm)
