@@ -4,7 +4,8 @@
 key, then the customize hook (files/debian) adds the settings of a flightctl device image: NoCloud as
 the only datasource, ed25519 host keys generated at first boot, `user`/`user` with passwordless sudo,
 systemd-networkd with DHCP, and a FAKE flightctl-agent.service (see its unit file). Booted through
-SYSLINUX from a FAT partition like the tiny guest (disk.py); `net.ifnames=0` names the NIC eth0.
+SYSLINUX (BIOS) or syslinux.efi (UEFI) from a FAT partition like the tiny guest (disk.py);
+`net.ifnames=0` names the NIC eth0.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.guest import disk
+from tests.guest import apt, disk
 
 FILES = Path(__file__).parent / "files" / "debian"
 SUITE = "bookworm"
@@ -25,14 +26,17 @@ MIRRORS = [
     "deb http://deb.debian.org/debian bookworm-updates main",
     "deb http://deb.debian.org/debian-security bookworm-security main",
 ]
-PACKAGES = [
+GUEST_PACKAGES = [
     "systemd-sysv", "udev", "dbus", "initramfs-tools", "cloud-init", "openssh-server", "sudo",
     "iproute2", "isc-dhcp-client", "less",
 ]
+BOOT_PACKAGES = ["syslinux-efi", "syslinux-common"]  # BOOTX64.EFI for UEFI boots, from the mirror too
+PACKAGES = GUEST_PACKAGES + BOOT_PACKAGES
 HOST_PACKAGES = [*disk.HOST_TOOLS, "mmdebstrap"]
 APPEND = "root=LABEL=fcdev-root rw console=ttyS0,115200 net.ifnames=0"
 EXCLUDES = ["/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*",
-            "/usr/share/lintian/*", "/usr/share/bug/*"]
+            "/usr/share/lintian/*", "/usr/share/bug/*", "/usr/share/i18n/*", "/lib/udev/hwdb.d/*",
+            "/usr/lib/udev/hwdb.d/*"]
 
 
 def recipe_files() -> list[Path]:
@@ -59,12 +63,11 @@ def _mmdebstrap(pins: dict[str, str], root: Path) -> None:
 
 
 def build(versions: dict[str, str], deb_dir: Path, work: Path, out_qcow2: Path) -> None:
-    """Build the Debian guest image at `out_qcow2` (`deb_dir` is unused: mmdebstrap fetches)."""
-    del deb_dir
+    """Build the Debian guest image at `out_qcow2` from the pinned `versions`, using `work` as scratch."""
     if os.geteuid() != 0:
         raise RuntimeError("the debian guest is built with `mmdebstrap --mode=root`; run the build as root")
     kernel_pkg = next(n for n in versions if re.fullmatch(r"linux-image-\d.*-cloud-amd64", n))
-    pins = {n: versions[n] for n in [*PACKAGES, "linux-image-cloud-amd64", kernel_pkg]}
+    pins = {n: versions[n] for n in [*GUEST_PACKAGES, "linux-image-cloud-amd64", kernel_pkg]}
     root = work / "root"
     _mmdebstrap(pins, root)
     root.chmod(0o755)
@@ -76,6 +79,12 @@ def build(versions: dict[str, str], deb_dir: Path, work: Path, out_qcow2: Path) 
     shutil.move(initrd, boot / "initrd.img")  # generated, owned by no package: not needed on the root
     for link in ("initrd.img", "initrd.img.old"):
         (root / link).unlink(missing_ok=True)
+    debs = apt.download({n: versions[n] for n in BOOT_PACKAGES}, deb_dir)
+    efi = work / "efi"
+    for name in BOOT_PACKAGES:
+        apt.extract(debs[name], efi)
     spec = disk.DiskSpec(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", append=APPEND,
-                         root_dir=root, fat_mib=64, root_free_mib=512)
+                         root_dir=root, fat_mib=64, root_free_mib=512,
+                         syslinux_efi=efi / "usr/lib/SYSLINUX.EFI/efi64/syslinux.efi",
+                         ldlinux_e64=efi / "usr/lib/syslinux/modules/efi64/ldlinux.e64")
     disk.assemble(spec, work, out_qcow2)

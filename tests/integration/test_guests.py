@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -326,10 +327,13 @@ def test_tiny_guest_boots_under_uefi(tiny_image: Path, ssh_key: Key, tmp_path: P
         assert guest.run("test -d /sys/firmware/efi && echo efi").stdout.strip() == "efi"
 
 
-@pytest.mark.parametrize("with_network_config", [True, False], ids=["network-config-by-mac", "no-network-config"])
+@pytest.mark.parametrize(("with_network_config", "uefi"), [(True, False), (False, True)],
+                         ids=["network-config-by-mac-bios", "no-network-config-uefi"])
 def test_debian_guest_runs_cloud_init_and_the_fake_agent(
-    debian_image: Path, ssh_key: Key, tmp_path: Path, with_network_config: bool
+    debian_image: Path, ssh_key: Key, tmp_path: Path, with_network_config: bool, uefi: bool
 ) -> None:
+    if uefi and not (OVMF_CODE.exists() and OVMF_VARS.exists()):
+        missing(f"OVMF is not installed ({OVMF_CODE}); install the ovmf package")
     hostname = "fcdev-deb-main-1"
     iid = f"i-deb{int(with_network_config)}"
     files = {"meta-data": f"instance-id: {iid}\nlocal-hostname: {hostname}\n",
@@ -338,7 +342,7 @@ def test_debian_guest_runs_cloud_init_and_the_fake_agent(
         files["network-config"] = network_config()
     seed = tmp_path / "seed.iso"
     write_seed(seed, files)
-    with boot(debian_image, tmp_path, seed, ssh_key) as guest:
+    with boot(debian_image, tmp_path, seed, ssh_key, uefi=uefi) as guest:
         guest.wait_ssh_banner(400)
         guest.wait_console(f"fcdev-ready {iid}", 400)
         guest.wait_login(60)
@@ -359,6 +363,9 @@ def test_debian_guest_runs_cloud_init_and_the_fake_agent(
         assert url in guest.run("sudo journalctl -b -u flightctl-agent.service -o cat").stdout
         assert guest.run("sudo ls /etc/ssh").stdout.split().count("ssh_host_ed25519_key") == 1
         assert "ssh_host_rsa_key" not in guest.run("sudo ls /etc/ssh").stdout
+        efi = guest.run("test -d /sys/firmware/efi && echo uefi || echo bios").stdout.strip()
+        assert efi == ("uefi" if uefi else "bios")
+        assert "Invalid cloud-config" not in guest.run("sudo cat /var/log/cloud-init.log").stdout
 
 
 def test_tiny_reader_parses_what_seed_py_renders(tmp_path: Path) -> None:
@@ -408,3 +415,27 @@ def test_tiny_reader_parses_what_seed_py_renders(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert "runcmd must be a block sequence" in bad.stderr
+
+
+def test_concurrent_builds_build_once(tiny_image: Path, tmp_path: Path) -> None:
+    """Two builders racing on an empty cache (as xdist workers do) build once and agree on the path."""
+    cache = tmp_path / "cache"
+    debs = cache / "debs"
+    debs.mkdir(parents=True)
+    for deb in (tiny_image.parent.parent / "debs").glob("*.deb"):  # no second download from the mirror
+        try:
+            os.link(deb, debs / deb.name)
+        except OSError:
+            shutil.copyfile(deb, debs / deb.name)
+    cmd = [sys.executable, "-m", "tests.guest.build", "tiny", "--cache-dir", str(cache)]
+    root = Path(__file__).parents[2]
+    procs = [subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    paths = {out.strip() for out, _ in results}
+    assert len(paths) == 1
+    assert sum(err.count("building the tiny guest") for _, err in results) == 1
+    built = Path(paths.pop())
+    assert built.is_file() and built.parent.parent == cache
+    assert not list(cache.glob(".build-*"))
