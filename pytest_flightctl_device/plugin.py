@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -38,6 +39,23 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SETTINGS_KEY] = Settings.resolve(cli, os.environ, ini)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+    _warn_if_rootdir_came_from_an_option(config)
+
+
+def _warn_if_rootdir_came_from_an_option(config: pytest.Config) -> None:
+    """pytest finds its rootdir before plugins add options, so `--device-qcow2 PATH` (with a
+    space) can make PATH's directory the rootdir, and its ini file is then missed (pytest#8846)."""
+    from pathlib import Path
+
+    args = [str(arg) for arg in config.invocation_params.args]
+    for knob, value in itertools.pairwise(args):
+        if not knob.startswith("--device-") or not os.path.exists(value):
+            continue
+        path = Path(value).resolve()
+        if config.rootpath in (path, path.parent) and config.rootpath != config.invocation_params.dir:
+            config.issue_config_time_warning(pytest.PytestConfigWarning(
+                f"pytest took its rootdir from the value of {knob} ({config.rootpath}); "
+                f"write {knob}=PATH so pytest does not take PATH for a test path."), stacklevel=2)
 
 
 def settings_of(config: pytest.Config) -> Settings:
@@ -281,11 +299,42 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report  # type: ignore[return-value]
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    factory = terminalreporter.config.stash.get(_FACTORY_KEY, None)
-    if factory is None or not factory.booted:
+_BOOTS_KEY = pytest.StashKey[dict[str, Any]]()
+
+
+def _boots(config: pytest.Config) -> dict[str, Any]:
+    return config.stash.setdefault(_BOOTS_KEY, {"times": [], "accel": set()})
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Collect this process's boot figures; an xdist worker hands them to the controller."""
+    factory = session.config.stash.get(_FACTORY_KEY, None)
+    if factory is None:
         return
-    times = ", ".join(f"{t:.1f}" for t in factory.boot_times)
-    accel = "; ".join(sorted(factory.accel_used))
-    terminalreporter.write_line(f"flightctl-device: {len(factory.boot_times)} device VM(s) booted, "
-                                f"ready after {times} s; acceleration: {accel}")
+    boots = _boots(session.config)
+    boots["times"].extend(factory.boot_times)
+    boots["accel"].update(factory.accel_used)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fcdev_boots"] = {"times": boots["times"], "accel": sorted(boots["accel"])}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist controller: add a finished worker's boot figures to the run's."""
+    figures = getattr(node, "workeroutput", {}).get("fcdev_boots")
+    if figures:
+        boots = _boots(node.config)
+        boots["times"].extend(figures["times"])
+        boots["accel"].update(figures["accel"])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    boots = terminalreporter.config.stash.get(_BOOTS_KEY, None)
+    if not boots or not boots["times"]:
+        return
+    times = sorted(boots["times"])
+    accel = "; ".join(sorted(boots["accel"]))
+    terminalreporter.write_line(
+        f"flightctl-device: {len(times)} device VM(s) booted, ready after {times[0]:.1f}-{times[-1]:.1f} s; "
+        f"acceleration: {accel}")
