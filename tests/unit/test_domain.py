@@ -40,7 +40,9 @@ def test_tcg_domain() -> None:
     assert root.find("devices/interface") is None  # networking only through qemu args
     args = qemu_args(root)
     assert "user,id=fcnet0,hostfwd=tcp:127.0.0.1:40022-:22,restrict=on" in args
-    assert any(a.startswith("virtio-net-pci,") and a.endswith("romfile=") for a in args)
+    nic = next(a for a in args if a.startswith("virtio-net-pci,"))
+    assert "romfile=," in nic and "mac=52:54:00:01:02:03" in nic  # no option ROM: faster TCG boot
+    assert "bus=pci.0,addr=0x10" in nic  # a slot libvirt leaves free
 
 
 def test_kvm_and_user_network() -> None:
@@ -54,6 +56,7 @@ def test_kvm_and_user_network() -> None:
 def test_uefi() -> None:
     root = ET.fromstring(render(spec(firmware="uefi", nvram=Path("/w/1/VARS.fd"))))
     assert root.find("os").get("firmware") == "efi"
+    assert any("bus=pcie.0" in arg for arg in qemu_args(root))  # q35 has no pci.0
     assert root.find("os/nvram").text == "/w/1/VARS.fd"
     assert root.find("os/bios") is None
 
