@@ -31,9 +31,11 @@ from .owner import Owner
 from .ports import port_reservation
 from .seed import SeedSpec, new_instance_id, ready_marker, redacted_user_data, write_seed_iso
 from .settings import VARIANTS, Settings
+from .slots import Slot, VMSlots, default_max_vms
 from .ssh import BannerWatch, CommandResult, KeyPair, SshClient, generate_keypair
 
 POLL_S = 0.2
+SLOT_WAIT_S = 3600.0  # a queued boot waits this long for a free VM slot (--device-max-vms)
 LOGIN_USER = "user"
 
 
@@ -100,6 +102,7 @@ class DeviceVM:
         self._seed_spec: SeedSpec | None = None
         self._console = ConsoleLog(self.console_path)
         self._ssh: SshClient | None = None
+        self._slot: Slot | None = None
         self.kept = False
 
     # -- public API ---------------------------------------------------------------------------
@@ -186,6 +189,9 @@ class DeviceVM:
             self._ssh.close()
         self._destroy_domain()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
 
     # -- boot ---------------------------------------------------------------------------------
 
@@ -199,6 +205,7 @@ class DeviceVM:
 
     def boot(self) -> None:
         factory = self._factory
+        self._slot = factory.slots.acquire(SLOT_WAIT_S, factory.log)
         started = time.monotonic()
         self.dir.mkdir(mode=0o711)
         os.chmod(self.dir, 0o711)  # noqa: S103 - qemu (another user) must traverse, not list
@@ -357,6 +364,8 @@ class DeviceVMFactory:
         self._base_path: Path | None = None
         self.process_dir = settings.workdir / f"{janitor.PREFIX}{run_id}-{worker}"
         self.ports_lock = settings.workdir / ".ports.lock"
+        self.slots = VMSlots(settings.workdir / ".slots",
+                             settings.max_vms or default_max_vms(settings.memory_mib))
         self.swept = janitor.Swept()
         self.boot_times: list[float] = []
 

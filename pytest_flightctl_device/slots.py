@@ -1,0 +1,71 @@
+"""How many device VMs may run at once on this host, across every pytest process.
+
+A small CI runner must queue boots instead of swapping or failing: each running VM holds one of
+N slot locks under the workdir; a boot that finds none free waits for one. The default N comes
+from the memory the host has available and the size of a VM.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+# Left for the host, qemu's own overhead per guest, and the slot wait's polling interval.
+HOST_RESERVE_MIB = 1024
+QEMU_OVERHEAD_MIB = 192
+POLL_S = 0.2
+
+
+def available_mib() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def default_max_vms(memory_mib: int) -> int:
+    """As many VMs of `memory_mib` as fit in available memory, keeping a reserve; at least 1."""
+    return max(1, (available_mib() - HOST_RESERVE_MIB) // (memory_mib + QEMU_OVERHEAD_MIB))
+
+
+class Slot:
+    def __init__(self, lock: FileLock) -> None:
+        self._lock = lock
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class VMSlots:
+    """N host-wide slots; acquire() blocks (up to a timeout) until one is free."""
+
+    def __init__(self, directory: Path, count: int) -> None:
+        self.directory = directory
+        self.count = count
+
+    def acquire(self, timeout: float, on_wait: Callable[[str], None] | None = None) -> Slot:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            for index in range(self.count):
+                lock = FileLock(str(self.directory / f"slot-{index}.lock"))
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue
+                return Slot(lock)
+            if not told and on_wait is not None:
+                on_wait(f"all {self.count} device VM slots are busy (--device-max-vms); waiting for one")
+                told = True
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no device VM slot came free within {timeout:.0f} s "
+                                   f"(--device-max-vms {self.count})")
+            time.sleep(POLL_S)

@@ -1,0 +1,52 @@
+"""VM slots: a host-wide cap on running VMs, shared by processes through lock files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pytest_flightctl_device import slots
+from pytest_flightctl_device.slots import VMSlots, default_max_vms
+
+
+def test_slots_queue_and_release(tmp_path: Path) -> None:
+    pool = VMSlots(tmp_path, 2)
+    first, second = pool.acquire(1), pool.acquire(1)
+    waits: list[str] = []
+    with pytest.raises(TimeoutError, match=r"no device VM slot came free within 0 s \(--device-max-vms 2\)"):
+        pool.acquire(0.3, waits.append)
+    assert waits == ["all 2 device VM slots are busy (--device-max-vms); waiting for one"]
+    first.release()
+    pool.acquire(1).release()
+    second.release()
+
+
+def test_slots_are_shared_across_processes(tmp_path: Path) -> None:
+    child = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from pytest_flightctl_device.slots import VMSlots
+        slot = VMSlots(Path({str(tmp_path)!r}), 1).acquire(5)
+        print("held", flush=True)
+        time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError):
+            VMSlots(tmp_path, 1).acquire(0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+    VMSlots(tmp_path, 1).acquire(1).release()  # a killed holder frees its slot
+
+
+def test_default_from_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slots, "available_mib", lambda: 1024 + 4 * (2048 + 192) + 100)
+    assert default_max_vms(2048) == 4
+    monkeypatch.setattr(slots, "available_mib", lambda: 512)
+    assert default_max_vms(2048) == 1  # always at least one: a tiny runner queues, one at a time
