@@ -15,6 +15,24 @@ from pytest_flightctl_device.settings import Settings
 from tests.helpers import missing
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("flightctl-device-selftest", "this repository's own reliability tests")
+    group.addoption("--soak-boots", type=int, default=50, help="sequential boots in the soak test")
+    group.addoption("--chaos-kills", type=int, default=20, help="kill -9 rounds in the chaos test")
+
+
+@pytest.fixture(scope="session")
+def soak_boots(request: pytest.FixtureRequest) -> int:
+    """How many boots the soak test does (--soak-boots; CI keeps the default)."""
+    return int(request.config.getoption("--soak-boots"))
+
+
+@pytest.fixture(scope="session")
+def chaos_kills(request: pytest.FixtureRequest) -> int:
+    """How many kill -9 rounds the chaos test does (--chaos-kills)."""
+    return int(request.config.getoption("--chaos-kills"))
+
+
 def _guest(kind: str) -> Path:
     from tests.guest.build import build_guest
 
