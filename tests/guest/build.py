@@ -5,7 +5,7 @@ from Debian packages. An image is keyed by sha256 over the recipe files and the 
 versions used; a cache hit is a few stat calls. Builds happen in a temp dir and appear under their
 final name by one rename; a file lock makes concurrent builders (pytest-xdist workers) build once.
 
-    python -m tests.guest.build tiny|debian [--cache-dir DIR]     # prints the qcow2 path
+    python -m tests.guest.build tiny|debian [--cache-dir DIR] [--prune]    # prints the qcow2 path
 """
 
 from __future__ import annotations
@@ -102,15 +102,36 @@ def build_guest(kind: Kind, cache_dir: Path | None = None) -> Path:
     return image
 
 
+def prune(kind: Kind, keep: Path) -> list[Path]:
+    """Remove the cached images of `kind` other than `keep` (older recipes); returns what went.
+
+    Only for a cache no running VM uses: an overlay whose backing image is removed stops working.
+    """
+    removed: list[Path] = []
+    for entry in sorted(keep.parent.parent.glob(f"{kind}-*")):
+        if entry.is_dir() and entry != keep.parent:
+            with FileLock(str(entry.parent / f".{entry.name}.lock")):
+                shutil.rmtree(entry)
+            (entry.parent / f".{entry.name}.lock").unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: build (or find) a guest and print its qcow2 path on stdout."""
     parser = argparse.ArgumentParser(prog="python -m tests.guest.build", description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=sorted(_RECIPES))
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"default: ${CACHE_ENV} or {DEFAULT_CACHE}")
+    parser.add_argument("--prune", action="store_true",
+                        help="then delete this kind's images built from other recipes (no VM may use them)")
     args = parser.parse_args(argv)
     try:
-        print(build_guest(args.kind, args.cache_dir))
+        image = build_guest(args.kind, args.cache_dir)
+        if args.prune:
+            for entry in prune(args.kind, image):
+                _log(f"removed {entry}")
+        print(image)
     except (apt.AptError, RuntimeError, OSError) as exc:
         print(f"error: cannot build the {args.kind} guest: {exc}", file=sys.stderr)
         return 1

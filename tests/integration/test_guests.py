@@ -1,6 +1,7 @@
 """The project's test guests (tests/guest) boot under real qemu (TCG) and honour the seed contract.
 
-Each test builds (or finds cached) a guest image, writes a NoCloud seed ISO shaped exactly like the
+Each test takes a guest image from the repository's conftest fixtures (tiny_guest, debian_guest:
+tests.guest.build_guest, built once and cached), writes a NoCloud seed ISO shaped exactly like the
 plugin's seed.py output, boots a throwaway qcow2 overlay with user-mode networking restricted to the
 host's loopback, and checks over SSH what cloud-init (real or the tiny guest's stand-in) did.
 """
@@ -34,7 +35,6 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 MAC = "52:54:00:fc:de:01"
 CONFIG_YAML = "enrollment-service:\n  enrollment-ui-endpoint: https://ui.fcdev.test/\n"
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
-BUILD_TOOLS = ["apt-get", "dpkg-deb", "mformat", "mcopy", "syslinux", "sfdisk", "mkfs.ext4", "qemu-img"]
 
 
 def _b64(text: str) -> str:
@@ -176,6 +176,7 @@ class Guest:
 def boot(image: Path, work: Path, seed: Path, key: Key, uefi: bool = False) -> Iterator[Guest]:
     """Boot `image` through a fresh overlay (the image is never written); kill only our qemu, by PID."""
     require_tool("qemu-system-x86_64")
+    require_tool("ssh")
     overlay = work / "overlay.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(overlay)],
                    check=True)
@@ -208,34 +209,15 @@ def boot(image: Path, work: Path, seed: Path, key: Key, uefi: bool = False) -> I
             proc.wait()
 
 
-def _image(kind: str) -> Path:
-    for tool in BUILD_TOOLS:
-        require_tool(tool)
-    if os.geteuid() != 0:
-        missing("building the test guests needs root (dpkg-deb ownership, mmdebstrap --mode=root)")
-    return build_guest(kind)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def tiny_image() -> Path:
-    return _image("tiny")
-
-
-@pytest.fixture(scope="module")
-def debian_image() -> Path:
-    require_tool("mmdebstrap")
-    return _image("debian")
-
-
-def test_build_is_cached_and_readable_by_libvirt_qemu(tiny_image: Path) -> None:
+def test_build_is_cached_and_readable_by_libvirt_qemu(tiny_guest: Path) -> None:
     """A second build is a cache hit (same file, untouched); image 0644 and its directories 0755."""
-    mtime = tiny_image.stat().st_mtime_ns
-    assert build_guest("tiny", tiny_image.parent.parent) == tiny_image
-    assert tiny_image.stat().st_mtime_ns == mtime
-    assert tiny_image.stat().st_mode & 0o777 == 0o644
-    assert tiny_image.parent.stat().st_mode & 0o777 == 0o755
-    assert tiny_image.parent.parent.stat().st_mode & 0o777 == 0o755
-    info = subprocess.run(["qemu-img", "info", str(tiny_image)], capture_output=True, text=True, check=True)
+    mtime = tiny_guest.stat().st_mtime_ns
+    assert build_guest("tiny", tiny_guest.parent.parent) == tiny_guest
+    assert tiny_guest.stat().st_mtime_ns == mtime
+    assert tiny_guest.stat().st_mode & 0o777 == 0o644
+    assert tiny_guest.parent.stat().st_mode & 0o777 == 0o755
+    assert tiny_guest.parent.parent.stat().st_mode & 0o777 == 0o755
+    info = subprocess.run(["qemu-img", "info", str(tiny_guest)], capture_output=True, text=True, check=True)
     assert "file format: qcow2" in info.stdout
 
 
@@ -251,12 +233,12 @@ class _Hello(BaseHTTPRequestHandler):
         pass
 
 
-def test_tiny_guest_applies_seed_forwards_and_reboots(tiny_image: Path, ssh_key: Key, tmp_path: Path) -> None:
+def test_tiny_guest_applies_seed_forwards_and_reboots(tiny_guest: Path, ssh_key: Key, tmp_path: Path) -> None:
     hostname = "fcdev-abc-main-1"
     seed = tmp_path / "seed.iso"
     write_seed(seed, {"meta-data": f"instance-id: i-tiny01\nlocal-hostname: {hostname}\n",
                       "user-data": user_data(ssh_key.public, hostname, "fcdev-ready i-tiny01")})
-    with boot(tiny_image, tmp_path, seed, ssh_key) as guest:
+    with boot(tiny_guest, tmp_path, seed, ssh_key) as guest:
         guest.wait_ssh_banner(180)
         guest.wait_console("fcdev-ready i-tiny01", 180)
         assert "Linux version" in guest.console_text()
@@ -300,12 +282,12 @@ def test_tiny_guest_applies_seed_forwards_and_reboots(tiny_image: Path, ssh_key:
         assert "status: done" in guest.run("cloud-init status --wait").stdout
 
 
-def test_tiny_guest_reports_a_failing_step_as_error(tiny_image: Path, ssh_key: Key, tmp_path: Path) -> None:
+def test_tiny_guest_reports_a_failing_step_as_error(tiny_guest: Path, ssh_key: Key, tmp_path: Path) -> None:
     seed = tmp_path / "seed.iso"
     write_seed(seed, {"meta-data": "instance-id: i-tiny02\nlocal-hostname: fcdev-bad\n",
                       "user-data": user_data(ssh_key.public, "fcdev-bad", "fcdev-ready i-tiny02",
                                              ca_permissions="rw-nonsense")})
-    with boot(tiny_image, tmp_path, seed, ssh_key) as guest:
+    with boot(tiny_guest, tmp_path, seed, ssh_key) as guest:
         guest.wait_console("fcdev-ready i-tiny02", 180)
         errors = [line for line in guest.console_text().splitlines() if "cloud-init" in line and "ERROR" in line]
         assert errors and "/etc/flightctl/certs/ca.crt" in errors[0]
@@ -315,13 +297,13 @@ def test_tiny_guest_reports_a_failing_step_as_error(tiny_image: Path, ssh_key: K
         assert "status: error" in status.stdout
 
 
-def test_tiny_guest_boots_under_uefi(tiny_image: Path, ssh_key: Key, tmp_path: Path) -> None:
+def test_tiny_guest_boots_under_uefi(tiny_guest: Path, ssh_key: Key, tmp_path: Path) -> None:
     if not (OVMF_CODE.exists() and OVMF_VARS.exists()):
         missing(f"OVMF is not installed ({OVMF_CODE}); install the ovmf package")
     seed = tmp_path / "seed.iso"
     write_seed(seed, {"meta-data": "instance-id: i-tiny03\nlocal-hostname: fcdev-uefi\n",
                       "user-data": user_data(ssh_key.public, "fcdev-uefi", "fcdev-ready i-tiny03")})
-    with boot(tiny_image, tmp_path, seed, ssh_key, uefi=True) as guest:
+    with boot(tiny_guest, tmp_path, seed, ssh_key, uefi=True) as guest:
         guest.wait_console("fcdev-ready i-tiny03", 240)
         guest.wait_login(60)
         assert guest.run("test -d /sys/firmware/efi && echo efi").stdout.strip() == "efi"
@@ -330,7 +312,7 @@ def test_tiny_guest_boots_under_uefi(tiny_image: Path, ssh_key: Key, tmp_path: P
 @pytest.mark.parametrize(("with_network_config", "uefi"), [(True, False), (False, True)],
                          ids=["network-config-by-mac-bios", "no-network-config-uefi"])
 def test_debian_guest_runs_cloud_init_and_the_fake_agent(
-    debian_image: Path, ssh_key: Key, tmp_path: Path, with_network_config: bool, uefi: bool
+    debian_guest: Path, ssh_key: Key, tmp_path: Path, with_network_config: bool, uefi: bool
 ) -> None:
     if uefi and not (OVMF_CODE.exists() and OVMF_VARS.exists()):
         missing(f"OVMF is not installed ({OVMF_CODE}); install the ovmf package")
@@ -342,7 +324,7 @@ def test_debian_guest_runs_cloud_init_and_the_fake_agent(
         files["network-config"] = network_config()
     seed = tmp_path / "seed.iso"
     write_seed(seed, files)
-    with boot(debian_image, tmp_path, seed, ssh_key, uefi=uefi) as guest:
+    with boot(debian_guest, tmp_path, seed, ssh_key, uefi=uefi) as guest:
         guest.wait_ssh_banner(400)
         guest.wait_console(f"fcdev-ready {iid}", 400)
         guest.wait_login(60)
@@ -417,12 +399,12 @@ def test_tiny_reader_parses_what_seed_py_renders(tmp_path: Path) -> None:
     assert "runcmd must be a block sequence" in bad.stderr
 
 
-def test_concurrent_builds_build_once(tiny_image: Path, tmp_path: Path) -> None:
+def test_concurrent_builds_build_once(tiny_guest: Path, tmp_path: Path) -> None:
     """Two builders racing on an empty cache (as xdist workers do) build once and agree on the path."""
     cache = tmp_path / "cache"
     debs = cache / "debs"
     debs.mkdir(parents=True)
-    for deb in (tiny_image.parent.parent / "debs").glob("*.deb"):  # no second download from the mirror
+    for deb in (tiny_guest.parent.parent / "debs").glob("*.deb"):  # no second download from the mirror
         try:
             os.link(deb, debs / deb.name)
         except OSError:
