@@ -45,8 +45,10 @@ def owner_metadata(spec: DomainSpec, *, keep: bool) -> str:
 def _os(spec: DomainSpec) -> str:
     if spec.firmware == "uefi":
         nvram = f"<nvram>{escape(str(spec.nvram))}</nvram>" if spec.nvram else ""
+        # Firmware autoselection, without Secure Boot (test guests' loaders are unsigned).
         return (f"<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>"
-                f"<loader secure='no'/>{nvram}<boot dev='hd'/></os>")
+                f"<firmware><feature enabled='no' name='secure-boot'/></firmware>"
+                f"{nvram}<boot dev='hd'/></os>")
     return ("<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/>"
             "<bios useserial='yes'/></os>")
 

@@ -195,3 +195,15 @@ def test_a_base_image_qemu_cannot_read(make_factory: FactoryMaker, tiny_guest: P
         pytest.skip("only qemu:///system runs qemu as another user")  # qemu:///session reads it fine
     with pytest.raises(ConfigError, match=rf"libvirt's qemu cannot read the base image {base} .*/var/tmp"):
         factory.create()
+
+
+def test_uefi_firmware(make_factory: FactoryMaker, tiny_guest: Path) -> None:
+    factory = make_factory(tiny_guest, memory_mib=256, vcpus=1, firmware="uefi")
+    vm = factory.create()
+    try:
+        assert vm.run("test -d /sys/firmware/efi && echo efi").stdout == "efi\n"
+        assert "firmware='efi'" in vm.domain_xml() or "<loader" in vm.domain_xml()
+        assert (vm.dir / "VARS.fd").exists()  # NVRAM lives with the VM, removed with it
+    finally:
+        factory.release(vm)
+    assert not (vm.dir / "VARS.fd").exists()
