@@ -158,9 +158,9 @@ def test_a_guest_that_never_boots(make_factory: FactoryMaker, shared_dir: Path) 
 
 
 def test_timeout_quotes_the_console(make_factory: FactoryMaker, tiny_guest: Path) -> None:
-    factory = make_factory(tiny_guest, memory_mib=256, vcpus=1, accel="tcg", boot_timeout=0.75)
+    factory = make_factory(tiny_guest, memory_mib=256, vcpus=1, accel="tcg", boot_timeout=1.0)
     with pytest.raises(BootError, match=r"was not ready in time \(SSH banner .*last 50 console lines") as info:
-        factory.create()
+        factory.create(runcmd=["sleep 600"])  # cloud-init cannot finish within 4 s (1 s x TCG's 4)
     assert "raise --device-boot-timeout" in str(info.value)
 
 
