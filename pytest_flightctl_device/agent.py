@@ -180,6 +180,9 @@ def _from_config(path: Path, server: str | None, now: dt.datetime) -> AgentConfi
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "a syntax error"
         raise _error(label, f"is not valid YAML ({problem}{where})", "fix the file") from None
+    except RecursionError:  # "[[[[...": PyYAML recurses once per level
+        raise _error(label, "is nested too deeply to be an agent config", "give the config.yaml "
+                     "written by `flightctl certificate request --output embedded`") from None
     root = _mapping(label, doc, "the document")
     service_root = _mapping(label, root.get("enrollment-service"), "enrollment-service")
     auth = _mapping(label, service_root.get("authentication"), "enrollment-service.authentication")
@@ -207,7 +210,12 @@ def _from_config(path: Path, server: str | None, now: dt.datetime) -> AgentConfi
     if server is not None and server != written:
         _check_server("--device-enrollment-server", "the value", server)
         service["server"] = server
-        content = _dump(root)
+        try:
+            content = _dump(root)
+        except (yaml.YAMLError, RecursionError):
+            raise _error(label, "cannot be written back with the new server (a value YAML cannot "
+                         "represent)", "put the server in the file instead of "
+                         "--device-enrollment-server") from None
         effective = server
     return AgentConfig(files=_files(content, ca_pem, cert_pem, key_pem), server=effective,
                        source=f"agent config {path}", generated=False)
@@ -389,7 +397,7 @@ def _embedded_key_data(config_content: bytes) -> list[str]:
     try:
         doc = yaml.safe_load(config_content)
         value = doc["enrollment-service"]["authentication"]["client-key-data"]
-    except (yaml.YAMLError, KeyError, TypeError):
+    except (yaml.YAMLError, KeyError, TypeError, RecursionError):
         return []
     return [value.strip(), "".join(value.split())] if isinstance(value, str) else []
 
