@@ -182,7 +182,7 @@ def bundle_tags(path: Path) -> list[str]:
                 if not tags:
                     break
                 return tags
-    except (tarfile.TarError, OSError, ValueError, AttributeError, TypeError) as exc:
+    except (tarfile.TarError, OSError, ValueError, AttributeError, TypeError, RecursionError) as exc:
         raise ArtifactError(
             f"{path} is not a readable images bundle tar ({exc}); give a `podman save -m` archive."
         ) from None

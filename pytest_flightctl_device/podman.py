@@ -11,13 +11,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -31,6 +28,8 @@ import requests
 from filelock import FileLock
 
 from .errors import ArtifactError, MissingToolError, PodmanError
+from .manifest import ManifestEntry as ManifestEntry  # re-exported: podman.ManifestEntry
+from .manifest import read_manifest as read_manifest  # re-exported: podman.read_manifest
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -276,44 +275,6 @@ def close_shared() -> None:
 
 
 # -- bundles ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    image_id: str
-    tags: tuple[str, ...]
-
-
-def read_manifest(bundle: Path) -> list[ManifestEntry]:
-    """The images a docker-archive claims (its manifest.json), or ArtifactError in one sentence."""
-    problem = "it has no manifest.json"
-    try:
-        with tarfile.open(bundle, "r:") as tar:
-            for member in tar:
-                if member.name.lstrip("./") == "manifest.json" and member.isfile():
-                    handle = tar.extractfile(member)
-                    try:
-                        raw = json.load(handle) if handle else None
-                        entries = [_entry(item) for item in raw] if isinstance(raw, list) else []
-                    except (ValueError, KeyError, TypeError):
-                        entries, problem = [], "its manifest.json is malformed"
-                        break
-                    if entries:
-                        return entries
-                    problem = "its manifest.json lists no tagged images"
-                    break
-    except (tarfile.TarError, OSError) as exc:
-        problem = f"it cannot be read as a tar ({exc.__class__.__name__})"
-    raise ArtifactError(f"{bundle} is not a docker-archive images bundle ({problem}); give the tar "
-                        "written by `flightctl-device bundle` or `podman save -m`.")
-
-
-def _entry(item: Any) -> ManifestEntry:
-    config = str(item["Config"])
-    image_id = config.rsplit("/", 1)[-1].removesuffix(".json").removeprefix("sha256:")
-    if not re.fullmatch(r"[0-9a-f]{64}", image_id):
-        raise ValueError(config)
-    return ManifestEntry(image_id, tuple(str(t) for t in item.get("RepoTags") or ()))
 
 
 @dataclass(frozen=True)
