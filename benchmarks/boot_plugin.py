@@ -1,0 +1,128 @@
+"""Plugin contender: DeviceVMFactory.create() on a factory that already exists, as `device_vm` does.
+
+The plugin's phases are timed without editing the library: while a round runs, thin wrappers around
+a few of its functions record when each returned (monotonic clock, relative to the create() call).
+The wrappers only read a clock; they are removed after every round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from boot_common import KERNEL, ConsoleWatch, console_patterns, cpu_seconds, libvirt_qemu_pid
+
+from pytest_flightctl_device import vm as vm_module
+from pytest_flightctl_device.agent import AgentConfig
+from pytest_flightctl_device.console import ConsoleLog
+from pytest_flightctl_device.settings import Settings, default_libvirt_uri
+from pytest_flightctl_device.slots import VMSlots
+from pytest_flightctl_device.ssh import BannerWatch
+from pytest_flightctl_device.vm import DeviceVM, DeviceVMFactory
+
+MARKER_PREFIX = "fcdev-ready i-"  # the plugin's final_message (seed.ready_marker) up to the id
+
+
+class PhaseClock:
+    """First time (s after t0) each named event happened."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        if name not in self.marks:
+            self.marks[name] = round(time.monotonic() - self.t0, 3)
+
+
+def _after(owner: Any, attr: str, clock: PhaseClock, name: str,
+           when: Callable[[Any, Any], bool] = lambda _self, _result: True,
+           before: str | None = None) -> Callable[[], None]:
+    """Wrap owner.attr so that `name` is marked when it returns (and `before` when it is entered)."""
+    original = getattr(owner, attr)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if before:
+            clock.mark(before)
+        result = original(*args, **kwargs)
+        if when(args[0] if args else None, result):
+            clock.mark(name)
+        return result
+
+    setattr(owner, attr, wrapper)
+    return lambda: setattr(owner, attr, original)
+
+
+@contextlib.contextmanager
+def instrumented(clock: PhaseClock, marker_prefix: str) -> Iterator[None]:
+    """Phase marks: slot, seed, overlay, domain started, kernel/marker noticed, banner, cloud-init check."""
+    undo = [
+        _after(VMSlots, "acquire", clock, "slot_acquired"),
+        _after(vm_module, "write_seed_iso", clock, "seed_written"),
+        _after(vm_module, "create_overlay", clock, "overlay_created"),
+        _after(DeviceVM, "_start", clock, "domain_started"),
+        _after(ConsoleLog, "refresh", clock, "plugin_saw_kernel",
+               lambda log, _r: bool(KERNEL.search(log.text))),
+        _after(ConsoleLog, "refresh", clock, "plugin_saw_ready_marker",
+               lambda log, _r: marker_prefix in log.text),
+        _after(BannerWatch, "poll", clock, "plugin_saw_banner", lambda _w, result: bool(result)),
+        _after(DeviceVM, "_check_cloud_init", clock, "cloud_init_checked_over_ssh",
+               before="cloud_init_check_started"),
+    ]
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+class PluginContender:
+    name = "plugin"
+
+    def __init__(self, base: Path, agent: AgentConfig, *, memory_mib: int, vcpus: int, workdir: Path,
+                 timeout: float) -> None:
+        settings = Settings().replace(
+            network="isolated", accel="tcg", memory_mib=memory_mib, vcpus=vcpus, workdir=workdir,
+            cache_dir=workdir / "cache", libvirt_uri=default_libvirt_uri(), boot_timeout=timeout / 4)
+        self.run_id = secrets.token_hex(4)
+        self.factory = DeviceVMFactory(settings, base_image=base, agent=agent, run_id=self.run_id, worker="bench")
+        # What the session fixture has done before any test asks for a device: connect, sweep, key.
+        self.factory.check()
+        self.factory.keypair  # noqa: B018
+
+    def round(self) -> dict[str, Any]:
+        factory = self.factory
+        clock = PhaseClock()
+        process_dir = factory.process_dir
+
+        def console() -> Path | None:  # one VM at a time: the only console under the process dir
+            found = sorted(process_dir.glob("*/console.log"))
+            return found[-1] if found else None
+
+        with instrumented(clock, MARKER_PREFIX):
+            clock.t0 = time.monotonic()
+            watch = ConsoleWatch(console, console_patterns(MARKER_PREFIX), clock.t0)
+            watch.start()
+            try:
+                vm = factory.create(factory.request())
+                ready = time.monotonic() - clock.t0
+            finally:
+                seen = watch.stop()
+        try:
+            pid = libvirt_qemu_pid(vm.name)
+            return {"ready_s": round(ready, 3), "qemu_cpu_s": cpu_seconds(pid) if pid else None,
+                    "phases": clock.marks, "console": seen, "name": vm.name, "accel": vm.accel}
+        finally:
+            factory.release(vm)
+
+    @property
+    def domain_prefix(self) -> str:
+        """Every domain this factory names starts with this (fcdev-<run>-<worker>-)."""
+        return f"{self.factory.process_dir.name}-"
+
+    def close(self) -> None:
+        self.factory.close()
