@@ -21,7 +21,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,18 +32,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from boot_common import loadavg, phase_medians, summary  # noqa: E402
+from boot_common import loadavg  # noqa: E402
 from boot_plugin import PluginContender  # noqa: E402
 from boot_raw import RawContender, qemu_argv  # noqa: E402
+from boot_report import report as make_report  # noqa: E402
 from boot_testcloud import TestcloudContender, destroy_by_name  # noqa: E402
 
 from pytest_flightctl_device.agent import throwaway_agent_config  # noqa: E402
 from pytest_flightctl_device.settings import default_libvirt_uri  # noqa: E402
 from pytest_flightctl_device.ssh import generate_keypair  # noqa: E402
 from tests.guest.build import build_guest  # noqa: E402
-
-OVERHEAD_TARGET_S = 0.3
-RATIO_TARGET = 0.7
 
 
 class Contender(Protocol):
@@ -84,49 +81,6 @@ def _versions() -> dict[str, str]:
         libvirt_version = f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
     return {"qemu": qemu.stdout.splitlines()[0] if qemu.stdout else "", "libvirt": libvirt_version,
             "testcloud": importlib.metadata.version("testcloud"), "python": sys.version.split()[0]}
-
-
-def _ok(samples: list[dict[str, Any]], key: str = "ready_s") -> list[float]:
-    return [s[key] for s in samples if key in s]
-
-
-def _report(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    plugin, raw, tc = results["plugin"], results["raw_qemu"], results["testcloud"]
-    plugin_s, raw_s, tc_s = _ok(plugin), _ok(raw), _ok(tc)
-    tc_ssh_s = _ok(tc, "then_ssh_true_s")
-    out: dict[str, Any] = {
-        "plugin": {**summary(plugin_s),
-                   "qemu_cpu_to_ready": summary(_ok(plugin, "qemu_cpu_s")),
-                   "phases_median_s": phase_medians([s["phases"] for s in plugin if "phases" in s]),
-                   "console_median_s": phase_medians([s["console"] for s in plugin if "console" in s]),
-                   "rounds": plugin},
-        "raw_qemu": {**summary(raw_s), "qemu_cpu_to_ready": summary(_ok(raw, "qemu_cpu_s")),
-                     "console_median_s": phase_medians([s["console"] for s in raw if "console" in s]),
-                     "rounds": raw},
-        "testcloud": {**summary(tc_s), "then_ssh_true": summary(tc_ssh_s),
-                      "qemu_cpu_to_ready": summary(_ok(tc, "qemu_cpu_s")),
-                      "console_median_s": phase_medians([s["console"] for s in tc if "console" in s]),
-                      "rounds": tc},
-    }
-    targets: dict[str, Any] = {}
-    if plugin_s and raw_s:
-        overhead = statistics.median(plugin_s) - statistics.median(raw_s)
-        paired = [p["ready_s"] - r["ready_s"] for p, r in zip(plugin, raw, strict=True)
-                  if "ready_s" in p and "ready_s" in r]
-        out["overhead_s"] = {"median_plugin_minus_median_raw": round(overhead, 3),
-                             "paired_per_round": [round(d, 3) for d in paired],
-                             "paired_median": round(statistics.median(paired), 3) if paired else None}
-        targets["plugin_overhead_over_raw_qemu"] = {"value_s": round(overhead, 3), "target_s": OVERHEAD_TARGET_S,
-                                                     "pass": overhead <= OVERHEAD_TARGET_S}
-    if plugin_s and tc_s:
-        ratio = statistics.median(plugin_s) / statistics.median(tc_s)
-        out["ratio_plugin_to_testcloud"] = round(ratio, 3)
-        targets["plugin_vs_testcloud_ratio"] = {"value": round(ratio, 3), "target": RATIO_TARGET,
-                                                "pass": ratio <= RATIO_TARGET}
-    if plugin_s and tc_ssh_s:
-        out["ratio_plugin_to_testcloud_then_ssh"] = round(statistics.median(plugin_s) / statistics.median(tc_ssh_s), 3)
-    out["targets"] = targets
-    return out
 
 
 def _our_domains(prefixes: list[str]) -> list[tuple[str, str]]:
@@ -232,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "testcloud_network": testcloud.network if testcloud is not None else {},
         "warmup": warmup,
-        **_report(results),
+        **make_report(results),
         "cleanup": _leftovers(scratch, prefixes),
     }
     print(json.dumps(report, indent=2))

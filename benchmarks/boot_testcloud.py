@@ -158,8 +158,11 @@ class TestcloudContender:
             instance = Instance(domain_configuration=domain, image=self.image, connection=URI,
                                 desired_arch="x86_64", workarounds=Workarounds(defaults=True))
             instance.kvm = False
+            phases = {"configured": round(time.monotonic() - t0, 3)}
             instance.prepare(data_tpl=user_data)
+            phases["prepared (dirs, seed via genisoimage, overlay)"] = round(time.monotonic() - t0, 3)
             instance.spawn_vm()
+            phases["defined"] = round(time.monotonic() - t0, 3)
             instance.coreos = True  # readiness by SSH banner (see the module docstring)
             readiness = "ssh banner"
             try:
@@ -186,7 +189,7 @@ class TestcloudContender:
                 ssh.close()
             seen = watch.stop()
             return {"ready_s": round(ready - t0, 3), "qemu_cpu_s": qemu_cpu, "then_ssh_true_s": round(ssh_ok - t0, 3),
-                    "console": seen, "readiness": readiness}
+                    "phases": phases, "console": seen, "readiness": readiness}
         finally:
             watch.stop()
             self._remove(name, instance)
