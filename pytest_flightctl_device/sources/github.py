@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +22,7 @@ import requests
 from ..cache import Cache
 from ..errors import GitHubError
 from ..settings import Settings
-from .http import MeterFactory, Transfer, new_session
+from .http import MeterFactory, Transfer, new_session, redact
 from .zipmember import extract_single
 
 TOKEN_ENVS = ("GITHUB_TOKEN", "GH_TOKEN")
@@ -53,18 +53,55 @@ class Artifact:
     run_id: int
 
     @classmethod
-    def from_api(cls, data: dict[str, Any], run_id: int) -> Artifact:
-        digest = data.get("digest") or None
-        return cls(id=int(data["id"]), name=str(data["name"]), size=int(data.get("size_in_bytes") or 0),
-                   digest=str(digest).lower().removeprefix("sha256:") if digest else None,
-                   expired=bool(data.get("expired")), expires_at=str(data.get("expires_at") or "unknown"),
-                   download_url=str(data["archive_download_url"]), run_id=run_id)
+    def from_api(cls, data: object, run_id: int) -> Artifact:
+        """An artifact record as the API lists it; GitHubError when a field has the wrong type."""
+        if not isinstance(data, dict):
+            raise _unexpected(f"an artifact of run {run_id}", f"a {type(data).__name__} instead of an object")
+        artifact_id, name = data.get("id"), data.get("name")
+        url, size = data.get("archive_download_url"), data.get("size_in_bytes")
+        digest, expired = data.get("digest"), data.get("expired")
+        problem = (
+            "no numeric id" if not _is_count(artifact_id) or artifact_id == 0 else
+            "no name" if not isinstance(name, str) or not name else
+            "no archive_download_url" if not isinstance(url, str) or not url else
+            "a size_in_bytes that is not a byte count" if size is not None and not _is_count(size) else
+            "a digest that is not a string" if digest is not None and not isinstance(digest, str) else
+            "an expired flag that is not true or false" if expired is not None and not isinstance(expired, bool)
+            else None)
+        if problem is not None:
+            raise _unexpected(f"an artifact of run {run_id}", problem)
+        assert isinstance(artifact_id, int) and isinstance(name, str) and isinstance(url, str)
+        expires_at = data.get("expires_at")
+        return cls(id=artifact_id, name=name, size=int(size or 0),
+                   digest=digest.lower().removeprefix("sha256:") if digest else None,
+                   expired=bool(expired), expires_at=expires_at if isinstance(expires_at, str) else "unknown",
+                   download_url=url, run_id=run_id)
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
+def _names(names: Iterable[str], shown: int = 5) -> str:
+    """A few names for an error message ("a, b, c and 97 more"), each cut to a sane length."""
+    listed = list(names)
+    text = ", ".join(name if len(name) <= 100 else name[:100] + "..." for name in listed[:shown])
+    return text + (f" and {len(listed) - shown} more" if len(listed) > shown else "")
+
+
+def _unexpected(what: str, problem: str) -> GitHubError:
+    return GitHubError(f"GitHub's answer for {what} has {problem}; check --device-github-api-url "
+                       "(is it a GitHub API?) and try again.")
 
 
 def _reset_time(response: requests.Response) -> str:
     reset = response.headers.get("X-RateLimit-Reset", "")
-    if reset.isdigit():
-        return datetime.fromtimestamp(int(reset), UTC).strftime("%H:%M:%S UTC")
+    if reset.isascii() and reset.isdigit() and len(reset) <= 12:
+        try:
+            return datetime.fromtimestamp(int(reset), UTC).strftime("%H:%M:%S UTC")
+        except (OverflowError, OSError, ValueError):
+            pass
     return "an unknown time"
 
 
@@ -106,6 +143,9 @@ class GitHubClient:
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last = type(exc).__name__
                 continue
+            except (requests.RequestException, ValueError) as exc:  # a URL requests cannot use
+                raise GitHubError(f"cannot ask GitHub for {what} at {redact(url)} ({type(exc).__name__}); "
+                                  "check --device-github-api-url.") from None
             if response.status_code >= 500:
                 last = f"HTTP {response.status_code}"
                 response.close()
@@ -122,17 +162,17 @@ class GitHubClient:
         status = response.status_code
         remaining = response.headers.get("X-RateLimit-Remaining")
         if status == 429 or (status == 403 and remaining == "0"):
-            limit = response.headers.get("X-RateLimit-Limit", "?")
+            limit = response.headers.get("X-RateLimit-Limit", "?").strip()
+            limit = limit if limit.isascii() and limit.isdigit() and len(limit) < 10 else "?"
             hint = "" if self._token else "; set GITHUB_TOKEN or GH_TOKEN for 5000 requests/hour"
             return GitHubError(
                 f"GitHub API rate limit ({limit} requests/hour) is used up while asking for {what}; "
                 f"it resets at {_reset_time(response)}{hint}."
             )
         if status == 403 and response.headers.get("Retry-After"):
-            return GitHubError(
-                f"GitHub's secondary rate limit stopped {what}; wait {response.headers['Retry-After']} s "
-                "and run again."
-            )
+            after = response.headers["Retry-After"].strip()
+            wait = f"wait {after} s" if after.isascii() and after.isdigit() and len(after) < 8 else "wait"
+            return GitHubError(f"GitHub's secondary rate limit stopped {what}; {wait} and run again.")
         if status == 401:
             if self._token:
                 return GitHubError(
@@ -157,35 +197,63 @@ class GitHubClient:
 
     def json(self, path: str, what: str, params: dict[str, Any] | None = None) -> Any:
         with self.get(path, what, params) as response:
-            try:
-                return response.json()
-            except ValueError:
-                raise GitHubError(
-                    f"GitHub API {self.api_url} sent no JSON for {what}; check --device-github-api-url."
-                ) from None
+            return self._decode(response, what)
+
+    def _decode(self, response: requests.Response, what: str) -> Any:
+        try:
+            return response.json()
+        except (ValueError, RecursionError):
+            raise GitHubError(
+                f"GitHub API {self.api_url} sent no JSON for {what}; check --device-github-api-url."
+            ) from None
 
     def pages(self, path: str, what: str, key: str, params: dict[str, Any],
               max_pages: int = 10) -> Iterator[dict[str, Any]]:
-        """Items under `key` across pages, following the Link header's rel="next"."""
+        """Items under `key` across pages, following the Link header's rel="next" (API origin only)."""
         url: str | None = f"{self.api_url}{path}"
         query: dict[str, Any] | None = params
         for _ in range(max_pages):
             if url is None:
                 return
             with self.get(url, what, query) as response:
-                data = response.json()
+                data = self._decode(response, what)
                 link = response.headers.get("Link", "")
-            yield from data.get(key, [])
-            match = re.search(r'<([^>]+)>;\s*rel="next"', link)
-            url, query = (urljoin(self.api_url, match.group(1)), None) if match else (None, None)
+            items = data.get(key) if isinstance(data, dict) else None
+            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                raise _unexpected(what, f"no list of objects under {key!r}")
+            yield from items
+            url, query = self._next_page(link, what), None
+
+    def _next_page(self, link: str, what: str) -> str | None:
+        """The rel="next" URL of a Link header, which must stay on the API's origin."""
+        match = re.search(r'<([^>]+)>;\s*rel="next"', link)
+        if match is None:
+            return None
+        url: str
+        try:
+            url = urljoin(self.api_url + "/", str(match.group(1)).strip())
+            parts = urlsplit(url)
+            origin = (parts.scheme, parts.netloc)
+        except ValueError:
+            origin, url = ("", ""), ""
+        if origin != self._origin:
+            raise _unexpected(what, "a next-page link outside the API (refused, so the token stays there)")
+        return url
 
     def pr_head_sha(self, number: int) -> str:
         data = self.json(f"/repos/{self.repo}/pulls/{number}", f"pull request #{number}")
-        return str(data["head"]["sha"])
+        head = data.get("head") if isinstance(data, dict) else None
+        sha = head.get("sha") if isinstance(head, dict) else None
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
+            raise _unexpected(f"pull request #{number}", "no head.sha commit hash")
+        return sha
 
     def commit_sha(self, ref: str) -> str:
         data = self.json(f"/repos/{self.repo}/commits/{ref}", f"commit or branch {ref!r}")
-        return str(data["sha"])
+        sha = data.get("sha") if isinstance(data, dict) else None
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
+            raise _unexpected(f"commit {ref!r}", "no sha commit hash")
+        return sha
 
     def runs(self, workflow: str, **filters: str) -> Iterator[dict[str, Any]]:
         """Runs of `workflow`, newest first."""
@@ -205,7 +273,15 @@ class GitHubClient:
             location = response.headers.get("Location")
         if not location:
             raise GitHubError(f"GitHub sent no redirect for {what}; try again later.")
-        return urljoin(artifact.download_url, location)
+        try:
+            url = urljoin(artifact.download_url, location.strip())
+            scheme = urlsplit(url).scheme
+        except ValueError:
+            url, scheme = "", ""
+        if scheme not in ("http", "https"):
+            raise GitHubError(f"GitHub redirected {what} to something that is not an http(s) URL; "
+                              "try again later.")
+        return url
 
 
 class GitHubSource:
@@ -257,11 +333,15 @@ class GitHubSource:
             raise GitHubError("no GitHub run, pull request or ref was given; give --device-github-run/pr/ref")
         seen = []
         for run in self.client.runs(self.workflow, **filters):
-            seen.append(f"{run['id']} ({run.get('status')}/{run.get('conclusion')})")
+            run_id = run.get("id")
+            if not _is_count(run_id) or run_id == 0:
+                raise _unexpected(f"runs of workflow {self.workflow}", "a run without a numeric id")
+            assert isinstance(run_id, int)
+            seen.append(f"{run_id} ({str(run.get('status'))[:20]}/{str(run.get('conclusion'))[:20]})")
             if run.get("status") == "completed" and any(
-                not a.expired for a in self._matching(int(run["id"]), kind)
+                not a.expired for a in self._matching(run_id, kind)
             ):
-                self._run_id = int(run["id"])
+                self._run_id = run_id
                 self.say(f"using run {self._run_id} of {self.workflow} for {where}")
                 return self._run_id
         found = f"runs seen: {', '.join(seen[:10])}" if seen else "no runs at all"
@@ -276,14 +356,14 @@ class GitHubSource:
         prefix = self.prefixes[kind]
         matching = self._matching(run_id, kind)
         if not matching:
-            names = ", ".join(a.name for a in self._run_artifacts(run_id)) or "none"
+            names = _names(a.name for a in self._run_artifacts(run_id)) or "none"
             option = f"--device-{'bundle' if kind == 'bundle' else 'qcow2'}-artifact"
             raise GitHubError(
                 f"run {run_id} has no artifact whose name starts with {prefix!r} (it has: {names}); "
                 f"check {option}."
             )
         if len(matching) > 1:
-            names = ", ".join(a.name for a in matching)
+            names = _names(a.name for a in matching)
             raise GitHubError(
                 f"run {run_id} has {len(matching)} artifacts whose names start with {prefix!r} ({names}); "
                 "give a longer prefix that matches one."
@@ -329,7 +409,7 @@ def download_member(client: GitHubClient, artifact: Artifact, zip_path: Path, de
         with (blob or new_session()) as session:
             transfer = Transfer(session, lambda: client.download_url(artifact), zip_path, label,
                                 expected_size=artifact.size or None, refreshable=True,
-                                trusted_partial=True, meter=meter)
+                                trusted_partial=True, meter=meter, backoff=client.backoff)
             digest = transfer.run()
         if artifact.digest and digest != artifact.digest:
             zip_path.unlink(missing_ok=True)

@@ -46,12 +46,22 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 def redact(url: str) -> str:
-    """The URL without user info or query string (where signed URLs keep their signatures)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    """The URL without user info or query string (where signed URLs keep their signatures).
+
+    Total: a URL too broken to split (bad IPv6 literal, port that is not a number) still gives
+    a string for an error message, never an exception.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        port = netloc.rsplit(":", 1)[1] if ":" in netloc and not netloc.endswith("]") else ""
+        if port:
+            host = f"{host}:{port}" if port.isdigit() else f"{host}:<bad port>"
+        text = urlunsplit((parts.scheme, host, parts.path, "", ""))
+    except ValueError:
+        return "<an unparsable URL>"
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def new_session() -> requests.Session:
@@ -98,6 +108,8 @@ class Transfer:
         stale = False
         failures = 0
         hops = 0
+        best = have  # progress is a new high-water mark: a server that ignores Range and keeps
+        # sending the same short body restarts from zero each time and must not loop forever
         while self.expected_size is None or have < self.expected_size:
             if failures >= self.attempts:
                 raise ArtifactError(
@@ -119,13 +131,16 @@ class Transfer:
             except _DROPS:
                 failures += 1
                 continue
+            except (requests.RequestException, ValueError) as exc:  # a URL requests cannot fetch
+                raise ArtifactError(f"{self.label}: cannot download from {redact(url)} "
+                                    f"({type(exc).__name__}); check the URL.") from None
             with response:
                 status = response.status_code
                 if status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                     hops += 1
                     if hops > 10:
                         raise ArtifactError(f"{self.label}: {redact(url)} redirects in a loop; fix the URL.")
-                    url = urljoin(url, response.headers["Location"])
+                    url = _redirect(url, response.headers["Location"], self.label)
                     continue
                 if status in (401, 403, 410) and self.refreshable:
                     stale = True  # the signed URL expired: a fresh one, then resume
@@ -155,16 +170,19 @@ class Transfer:
                     self.expected_size = int(length)
                     if meter:
                         meter.total = self.expected_size
-                before = have
                 try:
                     have = self._append(response, hasher, have, meter)
                 except _DROPS:
-                    failures = 0 if have > before else failures + 1
                     have = self.dest.stat().st_size
+                    best, failures = (have, 0) if have > best else (best, failures + 1)
                     continue
+                except requests.RequestException as exc:  # e.g. a Content-Encoding it cannot decode
+                    self._restart()
+                    raise ArtifactError(f"{self.label}: {redact(url)} sent a body that cannot be read "
+                                        f"({type(exc).__name__}); check the server.") from None
                 if self.expected_size is None:
                     break  # no size known: the end of the body is the end of the file
-                failures = 0 if have > before else failures + 1
+                best, failures = (have, 0) if have > best else (best, failures + 1)
         if self.expected_size is not None and have > self.expected_size:
             self._restart()
             raise ArtifactError(
@@ -285,6 +303,19 @@ class _Pipeline:
         if self.error is not None:
             raise ArtifactError(f"cannot write {self.dest} ({self.error}); free some disk space and run again.")
         return have
+
+
+def _redirect(url: str, location: str, label: str) -> str:
+    """The absolute http(s) URL a redirect points to, or ArtifactError naming the redirecting URL."""
+    try:
+        target = urljoin(url, location.strip())
+        scheme = urlsplit(target).scheme
+    except ValueError:
+        target, scheme = "", ""
+    if scheme not in ("http", "https"):
+        raise ArtifactError(f"{label}: {redact(url)} redirects to something that is not an http(s) URL; "
+                            "fix the URL.")
+    return target
 
 
 def _range_starts_at(response: requests.Response, start: int) -> bool:
