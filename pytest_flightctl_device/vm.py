@@ -300,19 +300,26 @@ class DeviceVM:
             self.ssh.forward_remote(port)
 
     def _poll_ready(self, since: int, deadline: float, marker: str, watch: BannerWatch) -> None:
-        banner = False
+        """Ready = cloud-init's final line on the console, then the SSH banner.
+
+        The banner is watched only once the marker is there: a connection opened while the guest's
+        network is still down hangs in slirp's SYN backoff and delayed readiness by up to the
+        watch's patience (10 s), although sshd had long been listening.
+        """
+        banner = finished = False
         while True:
             self._console.refresh()
             self._fail_on_console(since)
             if not self.is_active():
                 raise BootError(f"device VM {self.name} stopped before it was ready; "
                                 f"last console lines:\n{self.console_tail()}")
-            banner = banner or watch.poll()
-            if banner and marker in self._console.text[since:]:
+            finished = finished or marker in self._console.text[since:]
+            banner = finished and (banner or watch.poll())
+            if banner:
                 return
             if time.monotonic() > deadline:
-                state = (f"SSH banner {'seen' if banner else 'not seen'}, cloud-init "
-                         f"{'finished' if marker in self._console.text[since:] else 'not finished'}")
+                state = ("SSH banner not seen, cloud-init finished" if finished
+                         else "SSH banner not checked yet, cloud-init not finished")
                 raise BootError(f"device VM {self.name} was not ready in time ({state}; accel {self.accel}; "
                                 f"raise --device-boot-timeout if the guest is just slow); "
                                 f"last 50 console lines:\n{self.console_tail()}")
