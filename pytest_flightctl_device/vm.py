@@ -185,13 +185,15 @@ class DeviceVM:
         """Stop the domain and remove its files (not when kept)."""
         if self.kept:
             return
-        if self._ssh is not None:
-            self._ssh.close()
-        self._destroy_domain()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if self._slot is not None:
-            self._slot.release()
-            self._slot = None
+        try:
+            if self._ssh is not None:
+                self._ssh.close()
+        finally:  # whatever SSH does, the domain, its files and its slot go
+            self._destroy_domain()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self._slot is not None:
+                self._slot.release()
+                self._slot = None
 
     # -- boot ---------------------------------------------------------------------------------
 
