@@ -27,17 +27,20 @@ from pytest_flightctl_device.errors import ArtifactError, DeviceError
 from pytest_flightctl_device.sources.zipmember import extract_single
 from tests.unit.hostile_support import BOUNDED, clear_error, jail, tree
 
-TRAVERSAL = ["../x.tar", "a/../../x", "/etc/passwd", "/abs/x", "C:/x", "C:x", "..\\x", "a\\..\\..\\x",
-             "..", "./../x", "a/b/../../../x", "\\\\server\\share\\x"]
+TRAVERSAL = [".", "./", "./a:b", "x//..", "../x.tar", "a/../../x", "/etc/passwd", "/abs/x", "C:/x", "C:x",
+             "..\\x", "a\\..\\..\\x", "..", "./../x", "a/b/../../../x", "\\\\server\\share\\x"]
 PLAIN = ["agent-images-bundle.tar", "disk.qcow2", "a/b/c.bin", "./x", "x y", "ümlaut.tar", "-rf"]
 NAMES = st.sampled_from(TRAVERSAL) | st.sampled_from(PLAIN) | st.text(min_size=1, max_size=40)
 METHODS = st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
 
 
 def escapes(name: str) -> bool:
-    """The verdict of a safe extractor, computed here independently of the library."""
-    parts = name.replace("\\", "/").split("/")
-    return name.replace("\\", "/").startswith("/") or ".." in parts or ":" in parts[0] or not name.strip("/")
+    """The verdict of a safe extractor, computed here independently of the library: after
+    dropping empty and "." components, a name must be relative, non-empty, without "..", and
+    its first component must not carry a drive letter (C:)."""
+    path = name.replace("\\", "/")
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return path.startswith("/") or not parts or ".." in parts or ":" in parts[0]
 
 
 def build(members: list[tuple[str, bytes, int, int]]) -> bytes:
