@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -78,8 +79,37 @@ def _key_name(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _writer_gone(temp: Path, prefix: str) -> bool:
+    """True when `temp` is named `<prefix><pid>.<...>` and that pid no longer runs."""
+    pid = temp.name.removeprefix(prefix).split(".", 1)[0]
+    return temp.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid))
+
+
+def _drop_dead_temps(path: Path) -> None:
+    """Remove temps of `path` whose writer was killed between write and rename (kill -9)."""
+    prefix = f".{path.name}."
+    for temp in path.parent.glob(glob.escape(prefix) + "*"):
+        if _writer_gone(temp, prefix):
+            temp.unlink(missing_ok=True)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically replace `path` with `data` (unique temp name, fsync, rename)."""
+    """Atomically replace `path` with `data` (unique temp name, fsync, rename).
+
+    A writer killed before its rename leaves `.<name>.<pid>.<hex>`; the next write of the same
+    file removes it, so a sidecar or index entry never leaks a temp for good.
+    """
+    _drop_dead_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     with tmp.open("w") as handle:
         json.dump(data, handle, sort_keys=True)
@@ -291,6 +321,7 @@ class Cache:
     ) -> Path:
         for stale in self.tmp.glob(f"{_key_name(key)}.*.new"):  # left by a killed producer
             stale.unlink(missing_ok=True)
+        self._drop_dead_producers()
         tmp = self.tmp / f"{_key_name(key)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new"
         try:
             digest = produce(tmp)
@@ -365,8 +396,30 @@ class Cache:
             ))
         return sorted(result, key=lambda entry: entry.last_used)
 
+    def _drop_dead_producers(self) -> None:
+        """Remove `<key>.<pid>.<hex>.new` files of any key whose producer was killed: never resumed."""
+        for stale in self.tmp.glob("*.new"):
+            if _writer_gone(stale, stale.name.split(".", 1)[0] + "."):
+                stale.unlink(missing_ok=True)
+
+    def sweep_dead_temps(self) -> list[Path]:
+        """Remove every temp a killed process left outside its rename: json temps, `.new` files."""
+        found = [p for p in self.tmp.glob("*.new") if _writer_gone(p, p.name.split(".", 1)[0] + ".")]
+        for directory in (self.index, self.root / "verified", *self.objects.glob("*")):
+            for temp in directory.glob(".*"):
+                target = temp.name[1:].rsplit(".", 2)[0]
+                if temp.is_file() and _writer_gone(temp, f".{target}."):
+                    found.append(temp)
+        for path in found:
+            path.unlink(missing_ok=True)
+        return found
+
     def verify(self) -> list[Problem]:
-        """Re-hash and re-check every object; the ones that fail are removed and reported."""
+        """Re-hash and re-check every object; the ones that fail are removed and reported.
+
+        Temps of killed writers are removed on the way (they are not objects, so not reported).
+        """
+        self.sweep_dead_temps()
         problems = []
         for entry in self.entries():
             try:

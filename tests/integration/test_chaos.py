@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -498,3 +499,67 @@ def _destroy_our_domains(conn: Any, root: Path) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             if dom.name().startswith("fcdev-") and str(root) in dom.XMLDesc(0):
                 dom.destroy()
+
+
+# -- kill -9 at the exact worst moments of a cache write ---------------------------------------------
+
+POINT_KILL = '''
+import os, signal, sys
+from pathlib import Path
+from pytest_flightctl_device import cache
+
+root, point = Path(sys.argv[1]), sys.argv[2]
+real_replace = os.replace
+
+
+def replace(src, dst):
+    dst = Path(dst)
+    in_objects = dst.parent.parent.name == "objects"
+    if {"object": in_objects and dst.suffix != ".json", "sidecar": in_objects and dst.suffix == ".json",
+            "index": dst.parent.name == "index"}[point]:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies with the temp written and not yet renamed
+    real_replace(src, dst)
+
+
+os.replace = replace
+cache.Cache(root).obtain("chaos:point", lambda tmp: tmp.write_bytes(b"chaos payload") and None, kind="file",
+                         source="chaos")
+'''
+
+
+def _strays(cache: Cache) -> list[str]:
+    """Temps outside a rename: hidden json temps anywhere, anything in tmp/."""
+    return sorted(str(p.relative_to(cache.root)) for p in cache.root.rglob("*")
+                  if p.is_file() and (p.name.startswith(".") or p.parent == cache.tmp))
+
+
+def _kill_at(point: str, root: Path) -> None:
+    child = subprocess.run([sys.executable, "-c", POINT_KILL, str(root), point], capture_output=True, text=True,
+                           check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+@pytest.mark.parametrize("point", ["object", "sidecar", "index"])
+def test_kill_9_just_before_a_cache_rename_leaves_nothing_after_the_next_obtain(point: str, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    _kill_at(point, root)
+    cache = Cache(root)
+    path = cache.obtain("chaos:point", lambda tmp: tmp.write_bytes(b"chaos payload") and None, kind="file",
+                        source="chaos")
+    assert path.read_bytes() == b"chaos payload"
+    assert cache.verify() == []
+    digest = sha256_file(path)
+    objects = sorted(str(p.relative_to(root)) for p in cache.objects.rglob("*")
+                     if p.is_file() and not p.name.startswith("."))
+    assert objects == [f"objects/{digest[:2]}/{digest}.bin", f"objects/{digest[:2]}/{digest}.bin.json"]
+    assert _strays(cache) == [], f"kill -9 before the {point} rename left files the next obtain kept"
+
+
+@pytest.mark.parametrize("point", ["object", "sidecar", "index"])
+def test_cache_verify_removes_what_a_writer_killed_before_its_rename_left(point: str, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    _kill_at(point, root)
+    cache = Cache(root)
+    assert _strays(cache), f"the kill before the {point} rename should have left a temp"
+    assert cache.verify() == []
+    assert _strays(cache) == []
