@@ -322,6 +322,7 @@ class Cache:
         for stale in self.tmp.glob(f"{_key_name(key)}.*.new"):  # left by a killed producer
             stale.unlink(missing_ok=True)
         self._drop_dead_producers()
+        self._clean_tmp()  # partials of keys nobody asked for again in a day (a killed run's download)
         tmp = self.tmp / f"{_key_name(key)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new"
         try:
             digest = produce(tmp)

@@ -563,3 +563,43 @@ def test_cache_verify_removes_what_a_writer_killed_before_its_rename_left(point:
     assert _strays(cache), f"the kill before the {point} rename should have left a temp"
     assert cache.verify() == []
     assert _strays(cache) == []
+
+
+FETCH = '''
+import sys
+from pathlib import Path
+from pytest_flightctl_device.cache import Cache
+from pytest_flightctl_device.sources.http import fetch_url
+fetch_url(sys.argv[2], Cache(Path(sys.argv[1])), kind="file", sha256=None)
+'''
+
+
+def _killed_mid_download(server: SlowFileServer, url_path: str, payload: Path, root: Path) -> list[Path]:
+    """Start a real download in a child, kill -9 it mid-body; returns the partial files it left."""
+    url = server.add(url_path, payload)
+    before = set((root / "tmp").glob("*")) if (root / "tmp").is_dir() else set()
+    child = subprocess.Popen([sys.executable, "-c", FETCH, str(root), url])
+    try:
+        assert wait_until(lambda: any(p.stat().st_size > (1 << 20) for p in (root / "tmp").glob("*.part")
+                                      if p not in before), 60) is not None
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    return sorted(set((root / "tmp").glob("*")) - before)
+
+
+def test_a_killed_download_nobody_resumes_is_removed_after_a_day_and_a_fresh_one_kept(tmp_path: Path) -> None:
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(random.Random(5).randbytes(4 << 20))
+    root = tmp_path / "cache"
+    with SlowFileServer() as server:
+        server.throttle = 2e6
+        old = _killed_mid_download(server, "/old/payload.bin", payload, root)
+        fresh = _killed_mid_download(server, "/fresh/payload.bin", payload, root)
+    assert sorted(p.suffix for p in old) == [".json", ".part"]
+    day_ago = time.time() - 2 * 86400
+    for path in old:
+        os.utime(path, (day_ago, day_ago))  # the one simulated thing: a day passing
+    Cache(root).obtain("another:key", lambda tmp: tmp.write_bytes(b"x") and None, kind="file")
+    assert not any(p.exists() for p in old), "a day-old partial of a killed run stayed in the cache"
+    assert all(p.exists() for p in fresh), "a fresh partial (resumable by the next run) was removed"
