@@ -324,6 +324,7 @@ class Chaos:
         found += [Leftover("cache-tmp", p.name, _path_gone(p)) for p in self._cache_tmp() if p not in before_tmp]
         found += [Leftover("cache-stray", str(p.relative_to(self.cache)), _path_gone(p))
                   for p in self._stray_temps()]
+        found += [Leftover("podman-spool", p.name, _path_gone(p)) for p in (self.root / "podman-tmp").iterdir()]
         found += [Leftover("process", f"{pid} {cmd}", _process_gone(pid))
                   for pid, cmd in tagged_processes(token).items()]
         return found
@@ -391,6 +392,31 @@ def _no_figures(_figures: PhaseFigures) -> None:
 
 
 # -- set-up: artifacts, servers, directories --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def own_podman_service(root: Path) -> Iterator[podman.Podman]:
+    """A `podman system service` for the inner runs' loads, with its spool dir (TMPDIR) under `root`,
+    so a spool file a killed load leaves is seen as this test's own (stopped by its PID at the end)."""
+    spool = root / "podman-tmp"
+    spool.mkdir()
+    socket = root / "podman.sock"
+    service = subprocess.Popen([require_tool("podman"), "system", "service", "--time=0", f"unix://{socket}"],
+                               env={**os.environ, "TMPDIR": str(spool)}, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        conn = podman.Podman(f"unix://{socket}")
+        answered = wait_until(lambda: socket.exists() and podman._answers(conn.url, timeout=2.0), 30, poll=0.1)
+        assert answered is not None, "the chaos test's own podman service did not answer within 30 s"
+        yield conn
+        conn.close()
+    finally:
+        service.terminate()
+        try:
+            service.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
 
 
 def clear_tags(conn: podman.Podman, refs: list[str]) -> None:
@@ -467,8 +493,8 @@ def test_kill_9_at_random_moments_leaves_nothing_and_the_next_run_passes(
     clear_tags(podman_conn, refs)
     figures_path = tmp_path / "chaos.json"
     (chaos_root / "gh").mkdir()
-    with SlowFileServer() as http, GitHubEmulator(chaos_root / "gh") as gh:
-        chaos = Chaos(root=chaos_root, uri=device_settings.libvirt_uri, conn=conn, pod=podman_conn, rng=rng,
+    with SlowFileServer() as http, GitHubEmulator(chaos_root / "gh") as gh, own_podman_service(chaos_root) as pod:
+        chaos = Chaos(root=chaos_root, uri=device_settings.libvirt_uri, conn=conn, pod=pod, rng=rng,
                       tiny=tiny_guest, bundle=bundle, refs=refs,
                       image_repo=image_repo, load_s=load_s, http=http, gh=gh, seed=seed,
                       test_file=chaos_inner.write_suite(chaos_root / "suite"))
@@ -527,6 +553,13 @@ cache.Cache(root).obtain("chaos:point", lambda tmp: tmp.write_bytes(b"chaos payl
 '''
 
 
+def _payload_producer(payload: bytes) -> Callable[[Path], str | None]:
+    def produce(tmp: Path) -> None:
+        tmp.write_bytes(payload)
+
+    return produce
+
+
 def _strays(cache: Cache) -> list[str]:
     """Temps outside a rename: hidden json temps anywhere, anything in tmp/."""
     return sorted(str(p.relative_to(cache.root)) for p in cache.root.rglob("*")
@@ -544,8 +577,7 @@ def test_kill_9_just_before_a_cache_rename_leaves_nothing_after_the_next_obtain(
     root = tmp_path / "cache"
     _kill_at(point, root)
     cache = Cache(root)
-    path = cache.obtain("chaos:point", lambda tmp: tmp.write_bytes(b"chaos payload") and None, kind="file",
-                        source="chaos")
+    path = cache.obtain("chaos:point", _payload_producer(b"chaos payload"), kind="file", source="chaos")
     assert path.read_bytes() == b"chaos payload"
     assert cache.verify() == []
     digest = sha256_file(path)
@@ -600,6 +632,6 @@ def test_a_killed_download_nobody_resumes_is_removed_after_a_day_and_a_fresh_one
     day_ago = time.time() - 2 * 86400
     for path in old:
         os.utime(path, (day_ago, day_ago))  # the one simulated thing: a day passing
-    Cache(root).obtain("another:key", lambda tmp: tmp.write_bytes(b"x") and None, kind="file")
+    Cache(root).obtain("another:key", _payload_producer(b"x"), kind="file")
     assert not any(p.exists() for p in old), "a day-old partial of a killed run stayed in the cache"
     assert all(p.exists() for p in fresh), "a fresh partial (resumable by the next run) was removed"
