@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             "raw_qemu": "Popen(" + " ".join(qemu_argv(memory_mib=args.memory_mib, vcpus=args.vcpus,
                                                         console=Path("CONSOLE"), port=0, mac="MAC",
                                                         seed=Path("seed.iso"), overlay=Path("overlay.qcow2")))
-                        + ") until the first `ssh ... true` exits 0 (a fresh attempt every 0.25 s)",
+                        + ") until the first `ssh ... true` exits 0 (attempts one at a time once the SSH banner is "
+                        "there; banner probed with a fresh connection every 0.25 s)",
             "testcloud": "_get_default_domain_conf + Instance + prepare + spawn_vm + start (qemu:///session, "
                          "SSH-banner readiness), kvm forced off, network isolated: see benchmarks/boot_testcloud.py",
             "qemu_cpu_to_ready": "user+system CPU seconds the VM's qemu process had used when the contender "

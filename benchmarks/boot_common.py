@@ -6,8 +6,10 @@ same readiness probe (the first `ssh ... true` that succeeds, with the plugin's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
 import statistics
 import subprocess
 import threading
@@ -17,9 +19,10 @@ from pathlib import Path
 
 FIRMWARE = re.compile(r"SeaBIOS|EFI v\d|BdsDxe")
 KERNEL = re.compile(r"Linux version \d")
-# Probe cadence: a fresh connection this often, each given this long before it is abandoned.
+# Banner probe cadence: a fresh connection this often, each given this long before it is dropped.
 PROBE_INTERVAL_S = 0.25
 PROBE_PATIENCE_S = 5.0
+MAX_PENDING = 20
 CHECK_S = 0.02
 
 
@@ -83,43 +86,69 @@ class ConsoleWatch(threading.Thread):
         return dict(self.seen)
 
 
-def first_ssh_success(argv: list[str], deadline: float, alive: Callable[[], bool]) -> float:
-    """Monotonic time at which `argv` (an `ssh ... true`) first exits 0.
+def wait_for_banner(port: int, deadline: float, alive: Callable[[], bool]) -> float:
+    """Monotonic time the guest's SSH banner first arrives on 127.0.0.1:port.
 
-    A new attempt starts every PROBE_INTERVAL_S and each lives at most PROBE_PATIENCE_S: slirp
-    accepts the host side at once and retries its SYN to a guest that is not up yet with growing
-    back-off, so one long attempt can wait seconds after sshd is listening, while a fresh one gets
-    through on its first SYN. The time is taken when the success is observed (within CHECK_S).
+    A fresh connection starts every PROBE_INTERVAL_S (none older is dropped before
+    PROBE_PATIENCE_S): slirp accepts the host side at once and retries its SYN to a guest that is
+    not up yet with growing back-off, so one long connection can wait seconds after sshd listens,
+    while a fresh one gets through on its first SYN. Bare sockets cost the guest no key exchange.
     """
-    attempts: list[tuple[float, subprocess.Popen[bytes]]] = []
+    pending: list[tuple[float, socket.socket]] = []
     next_start = 0.0
     try:
         while True:
             now = time.monotonic()
-            for started, proc in list(attempts):
-                code = proc.poll()
-                if code == 0:
+            for started, sock in list(pending):
+                try:
+                    data = sock.recv(64)
+                except BlockingIOError:
+                    if now - started <= PROBE_PATIENCE_S:
+                        continue
+                    data = b""
+                except OSError:
+                    data = b""
+                if data.startswith(b"SSH-"):
                     return now
-                if code is not None:
-                    attempts.remove((started, proc))
-                elif now - started > PROBE_PATIENCE_S:
-                    proc.kill()
-                    proc.wait()
-                    attempts.remove((started, proc))
+                sock.close()
+                pending.remove((started, sock))
             if now > deadline:
-                raise TimeoutError("no successful ssh within the boot timeout")
+                raise TimeoutError("no SSH banner within the boot timeout")
             if not alive():
-                raise RuntimeError("the VM stopped before ssh succeeded")
-            if now >= next_start:
-                attempts.append((now, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                       stderr=subprocess.DEVNULL)))
+                raise RuntimeError("the VM stopped before its SSH banner arrived")
+            if now >= next_start and len(pending) < MAX_PENDING:
+                with contextlib.suppress(OSError):
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+                    sock.setblocking(False)
+                    pending.append((now, sock))
                 next_start = now + PROBE_INTERVAL_S
             time.sleep(CHECK_S)
     finally:
-        for _started, proc in attempts:  # our own children, by their Popen handle
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        for _started, sock in pending:
+            sock.close()
+
+
+def first_ssh_success(argv: list[str], port: int, deadline: float, alive: Callable[[], bool]) -> float:
+    """Monotonic time at which `argv` (an `ssh ... true`) first exits 0.
+
+    Attempts start once the banner is there (wait_for_banner) and run one at a time: parallel
+    attempts would each make a slow TCG guest do a key exchange and slow it down further.
+    """
+    wait_for_banner(port, deadline, alive)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no successful ssh within the boot timeout")
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=remaining,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError("no successful ssh within the boot timeout") from None
+        if proc.returncode == 0:
+            return time.monotonic()
+        if not alive():
+            raise RuntimeError("the VM stopped before ssh succeeded")
+        time.sleep(PROBE_INTERVAL_S)
 
 
 def summary(samples: list[float]) -> dict[str, object]:

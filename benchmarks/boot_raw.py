@@ -87,7 +87,7 @@ class RawContender:
             watch = ConsoleWatch(lambda: console, console_patterns(ready_marker(instance_id)), t0)
             watch.start()
             try:
-                ready = first_ssh_success(ssh.argv("true"), t0 + self.timeout, lambda: proc.poll() is None)
+                ready = first_ssh_success(ssh.argv("true"), port, t0 + self.timeout, lambda: proc.poll() is None)
             except RuntimeError:
                 text = (vm_dir / "qemu.log").read_text(errors="replace")
                 if "hostfwd" in text or "Address already in use" in text:

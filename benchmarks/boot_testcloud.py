@@ -184,7 +184,8 @@ class TestcloudContender:
             ssh = SshClient(port=network["ports"][0], key=self.keypair.private_path, user=LOGIN_USER,
                             state_dir=self.data_dir / "instances" / name)
             try:
-                ssh_ok = first_ssh_success(ssh.argv("true"), t0 + self.timeout, lambda: bool(dom.isActive()))
+                ssh_ok = first_ssh_success(ssh.argv("true"), network["ports"][0], t0 + self.timeout,
+                                           lambda: bool(dom.isActive()))
             finally:
                 ssh.close()
             seen = watch.stop()
