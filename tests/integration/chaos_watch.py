@@ -85,6 +85,19 @@ def active_domains(conn: Any, prefix: str, workdir: Path) -> list[str]:
     return names
 
 
+def domain_running(conn: Any, prefix: str) -> bool:
+    """True when a domain named `prefix...` is running (started: not paused while libvirt starts it)."""
+    import libvirt
+
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        try:
+            if dom.name().startswith(prefix) and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                return True
+        except libvirt.libvirtError:  # gone while we looked
+            continue
+    return False
+
+
 def wait_until(done: Callable[[], bool], timeout: float, poll: float = 0.05) -> float | None:
     """Seconds until `done()` held, or None if it never did within `timeout`."""
     start = time.monotonic()

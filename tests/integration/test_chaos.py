@@ -4,8 +4,10 @@ Rounds cycle through four phases (a download into the cache, a bundle load into 
 boot, commands in a running device). Each round starts a real `python -m pytest` over the small
 suite in chaos_inner.py, waits until the run is visibly inside the phase (a partial file grows,
 a progress line appears, a VM directory or a test mark shows up), waits a random delay from a
-seeded RNG and kills it with SIGKILL. Then: no qemu of the killed run runs 2 s later and libvirt
-drops its domains; every process the run forked is gone; the cache holds only verified entries;
+seeded RNG and kills it with SIGKILL. Then: no qemu of the killed run runs 2 s later (a kill while
+libvirt is still starting the domain is the exception libvirt imposes: it finishes the start before
+it autodestroys, so there the bound is STARTING_DEADLINE_S and the time is reported apart) and
+libvirt drops its domains; every process the run forked is gone; the cache holds only verified entries;
 and the same phase's test, run again with no manual cleanup, passes, its janitor removing what
 the killed run left in the work directory. Replay a run with PFTD_CHAOS_SEED=<seed it printed>.
 """
@@ -40,7 +42,14 @@ from tests.helpers import missing, require_tool
 from tests.images.stand_ins import busybox_rootfs_tar, import_image, podman_conn, remove_images, test_repo
 from tests.integration import chaos_inner
 from tests.integration.chaos_http import SlowFileServer
-from tests.integration.chaos_watch import active_domains, qemu_processes, running, tagged_processes, wait_until
+from tests.integration.chaos_watch import (
+    active_domains,
+    domain_running,
+    qemu_processes,
+    running,
+    tagged_processes,
+    wait_until,
+)
 from tests.integration.github_emulator import TOKEN, GitHubEmulator
 
 __all__ = ["podman_conn", "test_repo"]  # session fixtures used below
@@ -49,7 +58,11 @@ PHASES = ("download", "bundle", "boot", "vm-run")
 QCOW2_PAYLOAD = 8 << 20  # random bytes inside the served qcow2: ~3 s of body at THROTTLE
 LAYER_PAYLOAD = 12 << 20  # random bytes per variant image in the bundle
 THROTTLE = 3e6  # bytes/s while a kill is to land mid-body; recoveries download at full speed
-DOMAIN_DEADLINE_S = 2.0  # no qemu of a killed run may run longer than this after the kill
+DOMAIN_DEADLINE_S = 2.0  # no qemu of a killed run whose domain was running may run longer than this
+# A kill while libvirt is still starting the domain (createXML in flight): libvirt finishes the start,
+# then autodestroys; measured here 1.2-2.2 s, and a destroy from elsewhere blocks as long. Bounded, reported.
+STARTING_DEADLINE_S = 10.0
+STARTING = "boot-domain-starting"
 LIBVIRT_DEADLINE_S = 15.0  # libvirt's own bookkeeping (it waits for qemu to be reaped)
 SURVIVOR_GRACE_S = 5.0  # forked helpers (ssh masters) end once their VM is gone
 TRIGGER_TIMEOUT_S = 180.0
@@ -71,6 +84,7 @@ class PhaseFigures:
     corrupt_entries: int = 0
     entry_checks: int = 0
     qemu_exit_s: list[float] = field(default_factory=list)
+    qemu_exit_after_kill_in_start_s: list[float] = field(default_factory=list)
     libvirt_gone_s: list[float] = field(default_factory=list)
     resumed_downloads: int = 0
     tags_present_after_kill: list[int] = field(default_factory=list)
@@ -150,7 +164,7 @@ class Chaos:
 
         killed = [d for d in self.work.glob("fcdev-*") if d.name not in before_dirs]
         prefixes = sorted({"fcdev-" + d.name.split("-")[1] + "-" for d in killed})
-        self._check_domains(figures, prefixes, phase, index, killed_at)
+        self._check_domains(figures, prefixes, phase, index, killed_at, landed)
         after_kill()
         leftovers = self._leftovers(token, killed, before_tmp)
         self._check_cache(figures, phase, index)
@@ -278,7 +292,7 @@ class Chaos:
         return 0.0  # download: the random moment is the byte count drawn for the trigger
 
     def _landed(self, phase: str, marks: Path, proc: subprocess.Popen[bytes]) -> str:
-        """Where the kill lands, by what the run has shown so far."""
+        """Where the kill lands, by what the run has shown so far (and libvirt's view of its domain)."""
         if proc.poll() is not None:
             return "after-exit"
         if phase == "bundle":
@@ -287,30 +301,32 @@ class Chaos:
             if (marks / "vm-started").exists():
                 return "vm-run"
             runs = {"fcdev-" + d.name.split("-")[1] + "-" for d in self.work.glob("fcdev-*")}
-            return "boot" if any(qemu_processes(prefix) for prefix in runs) else "boot-before-qemu"
+            return "boot" if any(domain_running(self.conn, prefix) for prefix in runs) else STARTING
         return phase
 
     def _check_domains(self, figures: PhaseFigures, prefixes: list[str], phase: str, index: int,
-                       killed_at: float) -> None:
+                       killed_at: float, landed: str) -> None:
         """No qemu of the killed run runs 2 s after the kill; libvirt then drops its domains."""
+        deadline = STARTING_DEADLINE_S if landed == STARTING else DOMAIN_DEADLINE_S
         def no_qemu() -> bool:
             return not any(qemu_processes(prefix) for prefix in prefixes)
 
         def no_domains() -> bool:
             return not any(active_domains(self.conn, prefix, self.work) for prefix in prefixes or [""])
 
-        wait_until(no_qemu, DOMAIN_DEADLINE_S - (time.monotonic() - killed_at))
+        wait_until(no_qemu, deadline - (time.monotonic() - killed_at))
         qemu_s = time.monotonic() - killed_at
         left = {pid: name for prefix in prefixes for pid, name in qemu_processes(prefix).items()}
         assert not left, (
-            f"round {index} ({phase}): qemu of the killed run still runs {DOMAIN_DEADLINE_S} s after "
-            f"kill -9: {left}; seed {self.seed}")
+            f"round {index} ({phase}, kill landed: {landed}): qemu of the killed run still runs {deadline} s "
+            f"after kill -9: {left}; seed {self.seed}")
         gone = wait_until(no_domains, LIBVIRT_DEADLINE_S, poll=0.1)
         assert gone is not None, (
             f"round {index} ({phase}): libvirt still lists the killed run's domains "
             f"{LIBVIRT_DEADLINE_S} s after its qemu ended; seed {self.seed}")
         if prefixes:
-            figures.qemu_exit_s.append(round(qemu_s, 2))
+            exits = figures.qemu_exit_after_kill_in_start_s if landed == STARTING else figures.qemu_exit_s
+            exits.append(round(qemu_s, 2))
             figures.libvirt_gone_s.append(round(time.monotonic() - killed_at, 2))
 
     def _cache_tmp(self) -> list[Path]:
@@ -539,6 +555,8 @@ def _totals(figures: dict[str, PhaseFigures]) -> dict[str, Any]:
             "corrupt_entries": sum(f.corrupt_entries for f in every),
             "resumed_downloads": sum(f.resumed_downloads for f in every),
             "max_qemu_exit_s": max((s for f in every for s in f.qemu_exit_s), default=None),
+            "max_qemu_exit_after_kill_in_start_s": max(
+                (s for f in every for s in f.qemu_exit_after_kill_in_start_s), default=None),
             "max_libvirt_gone_s": max((s for f in every for s in f.libvirt_gone_s), default=None)}
 
 
