@@ -222,7 +222,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("host-forward", "Host loopback port made reachable in the guest at 127.0.0.1:PORT "
          "(repeatable).", _port, (), "none", multi=True, metavar="PORT"),
     Knob("firmware", "Guest firmware.", _choice("bios", "uefi"), "bios", metavar="bios|uefi"),
-    Knob("max-vms", "Device VMs running at once on this host, across all workers; more boots queue.",
+    Knob("max-vms", "Device VMs running at once across all runs sharing the workdir; more boots queue.",
          _positive_int, None, "from available memory and the VM size", metavar="N"),
     # -- artifacts: where the images bundle and the qcow2 come from --------------------------
     Knob("bundle", "Agent images bundle (`podman save -m` tar): a local path or an http(s) URL.",

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .errors import BootError
+
 # Left for the host, qemu's own overhead per guest, and the slot wait's polling interval.
 HOST_RESERVE_MIB = 1024
 QEMU_OVERHEAD_MIB = 192
@@ -66,6 +68,7 @@ class VMSlots:
                 on_wait(f"all {self.count} device VM slots are busy (--device-max-vms); waiting for one")
                 told = True
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no device VM slot came free within {timeout:.0f} s "
-                                   f"(--device-max-vms {self.count})")
+                raise BootError(f"no device VM slot came free within {timeout:.0f} s "
+                                f"(--device-max-vms {self.count}); raise --device-max-vms or run fewer "
+                                "workers.")
             time.sleep(POLL_S)

@@ -61,12 +61,15 @@ def create_overlay(base: Path, overlay: Path) -> None:
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise MissingToolError("qemu-img is not installed; install qemu-utils (Debian) or qemu-img (Fedora).")
+    # 0600 from its first byte (the guest writes the injected secrets into it); qemu-img
+    # truncates an existing file and keeps its mode.
+    os.close(os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
                            str(overlay)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
+        overlay.unlink(missing_ok=True)
         why = " ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
         raise ConfigError(f"cannot create an overlay over {base} ({why}); give a qcow2 image with --device-qcow2.")
-    os.chmod(overlay, 0o600)
 
 
 @dataclass(frozen=True)
@@ -333,7 +336,8 @@ class DeviceVM:
                               (CLOUD_INIT_ERROR, "cloud-init reported an error")):
             match = self._console.search(pattern, since)
             if match:
-                raise BootError(f"device VM {self.name}: {what}: {redact(match.group(0).strip(), [])}; "
+                excerpt = redact(match.group(0).strip(), self._factory.agent.secrets())
+                raise BootError(f"device VM {self.name}: {what}: {excerpt}; "
                                 f"last console lines:\n{self.console_tail()}")
 
     def _check_cloud_init(self) -> None:

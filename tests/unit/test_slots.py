@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_flightctl_device import slots
+from pytest_flightctl_device.errors import BootError
 from pytest_flightctl_device.slots import VMSlots, default_max_vms
 
 
@@ -17,7 +18,7 @@ def test_slots_queue_and_release(tmp_path: Path) -> None:
     pool = VMSlots(tmp_path, 2)
     first, second = pool.acquire(1), pool.acquire(1)
     waits: list[str] = []
-    with pytest.raises(TimeoutError, match=r"no device VM slot came free within 0 s \(--device-max-vms 2\)"):
+    with pytest.raises(BootError, match=r"no device VM slot came free within 0 s \(--device-max-vms 2\)"):
         pool.acquire(0.3, waits.append)
     assert waits == ["all 2 device VM slots are busy (--device-max-vms); waiting for one"]
     first.release()
@@ -37,7 +38,7 @@ def test_slots_are_shared_across_processes(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        with pytest.raises(TimeoutError):
+        with pytest.raises(BootError):
             VMSlots(tmp_path, 1).acquire(0.3)
     finally:
         proc.kill()
