@@ -128,13 +128,14 @@ def wait_for_banner(port: int, deadline: float, alive: Callable[[], bool]) -> fl
             sock.close()
 
 
-def first_ssh_success(argv: list[str], port: int, deadline: float, alive: Callable[[], bool]) -> float:
-    """Monotonic time at which `argv` (an `ssh ... true`) first exits 0.
+def first_ssh_success(argv: list[str], port: int, deadline: float,
+                      alive: Callable[[], bool]) -> tuple[float, float]:
+    """Monotonic times at which the SSH banner arrived and `argv` (an `ssh ... true`) first exited 0.
 
     Attempts start once the banner is there (wait_for_banner) and run one at a time: parallel
     attempts would each make a slow TCG guest do a key exchange and slow it down further.
     """
-    wait_for_banner(port, deadline, alive)
+    banner = wait_for_banner(port, deadline, alive)
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -145,7 +146,7 @@ def first_ssh_success(argv: list[str], port: int, deadline: float, alive: Callab
         except subprocess.TimeoutExpired:
             raise TimeoutError("no successful ssh within the boot timeout") from None
         if proc.returncode == 0:
-            return time.monotonic()
+            return banner, time.monotonic()
         if not alive():
             raise RuntimeError("the VM stopped before ssh succeeded")
         time.sleep(PROBE_INTERVAL_S)

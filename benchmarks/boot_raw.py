@@ -87,7 +87,8 @@ class RawContender:
             watch = ConsoleWatch(lambda: console, console_patterns(ready_marker(instance_id)), t0)
             watch.start()
             try:
-                ready = first_ssh_success(ssh.argv("true"), port, t0 + self.timeout, lambda: proc.poll() is None)
+                banner, ready = first_ssh_success(ssh.argv("true"), port, t0 + self.timeout,
+                                                  lambda: proc.poll() is None)
             except RuntimeError:
                 text = (vm_dir / "qemu.log").read_text(errors="replace")
                 if "hostfwd" in text or "Address already in use" in text:
@@ -95,7 +96,8 @@ class RawContender:
                 raise RuntimeError(f"raw qemu stopped: {text.strip()[-300:]}") from None
             finally:
                 seen = watch.stop()
-            return {"ready_s": round(ready - t0, 3), "qemu_cpu_s": cpu_seconds(proc.pid), "console": seen,
+            return {"ready_s": round(ready - t0, 3), "banner_s": round(banner - t0, 3),
+                    "qemu_cpu_s": cpu_seconds(proc.pid), "console": seen,
                     "in_machine_cgroup": placed}
         finally:
             ssh.close()

@@ -184,7 +184,7 @@ class TestcloudContender:
             ssh = SshClient(port=network["ports"][0], key=self.keypair.private_path, user=LOGIN_USER,
                             state_dir=self.data_dir / "instances" / name)
             try:
-                ssh_ok = first_ssh_success(ssh.argv("true"), network["ports"][0], t0 + self.timeout,
+                _banner, ssh_ok = first_ssh_success(ssh.argv("true"), network["ports"][0], t0 + self.timeout,
                                            lambda: bool(dom.isActive()))
             finally:
                 ssh.close()
