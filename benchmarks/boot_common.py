@@ -39,9 +39,11 @@ class ConsoleWatch(threading.Thread):
     """
 
     def __init__(self, path_of: Callable[[], Path | None], patterns: dict[str, re.Pattern[str]],
-                 t0: float, interval: float = 0.05) -> None:
+                 t0: float, interval: float = 0.05, pid_of: Callable[[], int | None] | None = None) -> None:
         super().__init__(daemon=True)
         self.path_of = path_of
+        self.pid_of = pid_of
+        self.cpu_seen: dict[str, float | None] = {}  # qemu's CPU seconds when each event was seen
         self.patterns = patterns
         self.t0 = t0
         self.interval = interval
@@ -77,6 +79,9 @@ class ConsoleWatch(threading.Thread):
         for name, pattern in self.patterns.items():
             if name not in self.seen and pattern.search(self._text):
                 self.seen[name] = round(now, 3)
+                if self.pid_of is not None:
+                    pid = self.pid_of()
+                    self.cpu_seen[name] = cpu_seconds(pid) if pid else None
 
     def stop(self) -> dict[str, float]:
         self._stop_event.set()

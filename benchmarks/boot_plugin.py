@@ -105,7 +105,8 @@ class PluginContender:
 
         with instrumented(clock, MARKER_PREFIX):
             clock.t0 = time.monotonic()
-            watch = ConsoleWatch(console, console_patterns(MARKER_PREFIX), clock.t0)
+            watch = ConsoleWatch(console, console_patterns(MARKER_PREFIX), clock.t0,
+                                 pid_of=self._running_pid)
             watch.start()
             try:
                 vm = factory.create(factory.request())
@@ -115,9 +116,15 @@ class PluginContender:
         try:
             pid = libvirt_qemu_pid(vm.name)
             return {"ready_s": round(ready, 3), "qemu_cpu_s": cpu_seconds(pid) if pid else None,
-                    "phases": clock.marks, "console": seen, "name": vm.name, "accel": vm.accel}
+                    "phases": clock.marks, "console": seen, "console_qemu_cpu_s": watch.cpu_seen,
+                    "name": vm.name, "accel": vm.accel}
         finally:
             factory.release(vm)
+
+    def _running_pid(self) -> int | None:
+        """qemu PID of this factory's running domain (one at a time), from libvirt's pid files."""
+        found = sorted(Path("/run/libvirt/qemu").glob(f"{self.domain_prefix}*.pid"))
+        return libvirt_qemu_pid(found[-1].name[:-4]) if found else None
 
     @property
     def domain_prefix(self) -> str:

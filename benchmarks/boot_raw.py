@@ -84,7 +84,8 @@ class RawContender:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             placed = self.cgroup.add(proc.pid)
-            watch = ConsoleWatch(lambda: console, console_patterns(ready_marker(instance_id)), t0)
+            watch = ConsoleWatch(lambda: console, console_patterns(ready_marker(instance_id)), t0,
+                                 pid_of=lambda: proc.pid)
             watch.start()
             try:
                 banner, ready = first_ssh_success(ssh.argv("true"), port, t0 + self.timeout,
@@ -97,7 +98,7 @@ class RawContender:
             finally:
                 seen = watch.stop()
             return {"ready_s": round(ready - t0, 3), "banner_s": round(banner - t0, 3),
-                    "qemu_cpu_s": cpu_seconds(proc.pid), "console": seen,
+                    "qemu_cpu_s": cpu_seconds(proc.pid), "console": seen, "console_qemu_cpu_s": watch.cpu_seen,
                     "in_machine_cgroup": placed}
         finally:
             ssh.close()

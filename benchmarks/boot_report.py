@@ -56,6 +56,9 @@ def _block(rounds: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {**summary(_ok(rounds)), **extra,
             "qemu_cpu_to_ready": summary(_ok(rounds, "qemu_cpu_s")),
             "console_median_s": phase_medians([s["console"] for s in rounds if "console" in s]),
+            "console_qemu_cpu_median_s": phase_medians(
+                [{k: v for k, v in s["console_qemu_cpu_s"].items() if v is not None}
+                 for s in rounds if "console_qemu_cpu_s" in s]),
             "split_median": split(rounds),
             "rounds": rounds}
 

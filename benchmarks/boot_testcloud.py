@@ -148,7 +148,8 @@ class TestcloudContender:
         instance: Any = None
         t0 = time.monotonic()
         console_log = self.data_dir / "instances" / name / "console.log"
-        watch = ConsoleWatch(lambda: console_log, console_patterns(ready_marker(instance_id)), t0)
+        watch = ConsoleWatch(lambda: console_log, console_patterns(ready_marker(instance_id)), t0,
+                             pid_of=lambda: libvirt_qemu_pid(name))
         watch.start()
         try:
             domain = _get_default_domain_conf(name=name, backingstore_image=self.image, connection=URI,
@@ -190,7 +191,7 @@ class TestcloudContender:
                 ssh.close()
             seen = watch.stop()
             return {"ready_s": round(ready - t0, 3), "qemu_cpu_s": qemu_cpu, "then_ssh_true_s": round(ssh_ok - t0, 3),
-                    "phases": phases, "console": seen, "readiness": readiness}
+                    "phases": phases, "console": seen, "console_qemu_cpu_s": watch.cpu_seen, "readiness": readiness}
         finally:
             watch.stop()
             self._remove(name, instance)
