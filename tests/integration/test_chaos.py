@@ -435,7 +435,7 @@ def own_podman_service(root: Path) -> Iterator[podman.Podman]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         conn = podman.Podman(f"unix://{socket}")
-        answered = wait_until(lambda: socket.exists() and podman._answers(conn.url, timeout=2.0), 30, poll=0.1)
+        answered = wait_until(lambda: socket.exists() and _pings(conn), 30, poll=0.1)
         assert answered is not None, "the chaos test's own podman service did not answer within 30 s"
         yield conn
         conn.close()
@@ -446,6 +446,13 @@ def own_podman_service(root: Path) -> Iterator[podman.Podman]:
         except subprocess.TimeoutExpired:
             service.kill()
             service.wait()
+
+
+def _pings(conn: podman.Podman) -> bool:
+    try:
+        return bool(conn.api.get("/_ping").status_code == 200)
+    except Exception:  # not listening yet
+        return False
 
 
 def clear_tags(conn: podman.Podman, refs: list[str]) -> None:
