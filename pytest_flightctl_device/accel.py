@@ -105,6 +105,9 @@ class Accelerator:
             data = {}
         data[host_key()] = {"kvm": works, "reason": reason,
                             "checked": datetime.now(UTC).isoformat(timespec="seconds")}
+        for stale in self.verdict_file.parent.glob(f".{self.verdict_file.name}.*"):
+            if not stale.suffix[1:].isdigit() or not Path(f"/proc/{stale.suffix[1:]}").exists():
+                stale.unlink(missing_ok=True)  # a writer killed before its rename
         tmp = self.verdict_file.with_name(f".{self.verdict_file.name}.{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.verdict_file)

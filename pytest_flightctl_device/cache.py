@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from typing import Any
 from filelock import FileLock
 
 from .errors import ArtifactError, MissingToolError
+from .manifest import read_manifest
 
 KINDS = ("qcow2", "bundle", "file")
 _EXT = {"qcow2": "qcow2", "bundle": "tar", "file": "bin"}
@@ -199,26 +199,12 @@ def check_qcow2(path: Path) -> None:
 
 def bundle_tags(path: Path) -> list[str]:
     """RepoTags of a `podman save -m` (docker-archive) tar, read from its manifest.json."""
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if member.name.lstrip("./") != "manifest.json" or not member.isfile():
-                    continue
-                handle = tar.extractfile(member)
-                if handle is None:
-                    break
-                manifest = json.load(handle)
-                tags = [tag for image in manifest for tag in (image.get("RepoTags") or [])]
-                if not tags:
-                    break
-                return tags
-    except (tarfile.TarError, OSError, ValueError, AttributeError, TypeError, RecursionError) as exc:
+    tags = [tag for entry in read_manifest(path) for tag in entry.tags]
+    if not tags:
         raise ArtifactError(
-            f"{path} is not a readable images bundle tar ({exc}); give a `podman save -m` archive."
-        ) from None
-    raise ArtifactError(
-        f"{path} has no manifest.json with RepoTags; give a bundle made by `podman save -m` of tagged images."
-    )
+            f"{path} has no manifest.json with RepoTags; give a bundle made by `podman save -m` of tagged images."
+        )
+    return tags
 
 
 def check_kind(path: Path, kind: str) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -30,6 +32,7 @@ from filelock import FileLock
 from .errors import ArtifactError, MissingToolError, PodmanError
 from .manifest import ManifestEntry as ManifestEntry  # re-exported: podman.ManifestEntry
 from .manifest import read_manifest as read_manifest  # re-exported: podman.read_manifest
+from .owner import Owner
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,17 +62,40 @@ def _answers(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
+_SERVICE_PREFIX = "pftd-podman-"
+
+
+def _die_with_parent() -> None:
+    """In the service's child before exec: SIGTERM it when pytest dies, even by kill -9."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _sweep_dead_services() -> None:
+    """Remove the socket directories of private services whose pytest is gone."""
+    for directory in Path(tempfile.gettempdir()).glob(_SERVICE_PREFIX + "*"):
+        try:
+            pid, start = (int(part) for part in (directory / "owner").read_text().split())
+        except (OSError, ValueError):
+            continue
+        if not Owner(pid, start).alive():
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 class PrivateService:
     """A `podman system service` started for this process on a socket only it knows."""
 
     def __init__(self, podman_bin: str) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="pftd-podman-"))
+        _sweep_dead_services()
+        self._dir = Path(tempfile.mkdtemp(prefix=_SERVICE_PREFIX))
+        owner = Owner.current()
+        (self._dir / "owner").write_text(f"{owner.pid} {owner.start}\n")
         self.url = f"unix://{self._dir}/podman.sock"
         self._log = (self._dir / "service.log").open("wb")
         self.process = subprocess.Popen(
             [podman_bin, "system", "service", "--time=0", self.url],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
         self.pid = self.process.pid
 

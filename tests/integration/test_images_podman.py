@@ -43,3 +43,36 @@ def test_an_answering_service_is_reused_not_started(tmp_path: Path) -> None:
             assert second.store_id() == first.store_id()
     finally:
         first.close()
+
+
+def test_private_service_dies_with_a_killed_owner(tmp_path: Path) -> None:
+    """kill -9 of pytest must not leave its private podman service (or its socket dir) behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    require_tool("podman")
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from pytest_flightctl_device import podman
+from pytest_flightctl_device.settings import Settings
+conn = podman.connect(Settings(), env={{}}, default_url="unix://{tmp_path}/absent.sock")
+print(conn.service.pid, conn.url, flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        pid_text, url = child.stdout.readline().split()
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    pid, socket_dir = int(pid_text), Path(url.removeprefix("unix://")).parent
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the private podman service outlived its killed owner"
+    assert socket_dir.is_dir()  # a dead owner cannot clean up; the next private service sweeps it
+    with podman.connect(Settings(), env={}, default_url=f"unix://{tmp_path}/absent.sock") as conn:
+        assert conn.service is not None
+    assert not socket_dir.exists()

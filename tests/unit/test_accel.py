@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -64,3 +65,14 @@ def test_watch_kernel_gives_up_on_silence(tmp_path: Path) -> None:
 def test_watch_kernel_stops_when_domain_dies(tmp_path: Path) -> None:
     works, reason = watch_kernel(ConsoleLog(tmp_path / "none.log"), lambda: False, silence=5, cap=10)
     assert not works and "stopped" in reason
+
+
+def test_record_sweeps_temps_of_killed_writers(tmp_path: Path) -> None:
+    verdicts = tmp_path / "accel.json"
+    dead = tmp_path / ".accel.json.999999999"  # no such pid: its writer was killed before the rename
+    dead.write_text("{")
+    live = tmp_path / f".accel.json.{os.getpid()}-other"  # not a pid suffix: swept too
+    live.write_text("{")
+    Accelerator("auto", verdicts).record(True, "kernel printed")
+    assert not dead.exists() and not live.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["accel.json"]

@@ -37,7 +37,7 @@ def leftovers(cache: Cache) -> list[Path]:
 
 def bundle_bytes(tags: list[str]) -> bytes:
     buffer = io.BytesIO()
-    manifest = json.dumps([{"RepoTags": tags}]).encode()
+    manifest = json.dumps([{"Config": "b" * 64 + ".json", "RepoTags": tags, "Layers": []}]).encode()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         info = tarfile.TarInfo("manifest.json")
         info.size = len(manifest)
@@ -101,7 +101,7 @@ def test_bundle_needs_repo_tags(tmp_path: Path) -> None:
     assert good.suffix == ".tar"
     with pytest.raises(ArtifactError, match="RepoTags"):
         cache.obtain("url:bad", writer(bundle_bytes([])), kind="bundle")
-    with pytest.raises(ArtifactError, match="not a readable images bundle"):
+    with pytest.raises(ArtifactError, match="not a docker-archive images bundle"):
         cache.obtain("url:junk", writer(b"\x00junk" * 300), kind="bundle")
     assert len(cache.entries()) == 1
 
