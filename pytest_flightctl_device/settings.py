@@ -222,6 +222,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("host-forward", "Host loopback port made reachable in the guest at 127.0.0.1:PORT "
          "(repeatable).", _port, (), "none", multi=True, metavar="PORT"),
     Knob("firmware", "Guest firmware.", _choice("bios", "uefi"), "bios", metavar="bios|uefi"),
+    Knob("prefetch", "Boot the next default device in the background while a test runs, so the next "
+         "request is served at once (one spare VM per worker, holding a --device-max-vms slot).", _bool,
+         False, flag=True),
     Knob("max-vms", "Device VMs running at once across all runs sharing the workdir; more boots queue.",
          _positive_int, None, "from available memory and the VM size", metavar="N"),
     # -- artifacts: where the images bundle and the qcow2 come from --------------------------
@@ -297,6 +300,7 @@ class Settings:
     network: str = "user"
     host_forward: tuple[int, ...] = ()
     firmware: str = "bios"
+    prefetch: bool = False
     max_vms: int | None = None
     bundle: str | None = None
     bundle_sha256: str | None = None

@@ -7,6 +7,7 @@ from the memory the host has available and the size of a VM.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +53,8 @@ class VMSlots:
         self.directory = directory
         self.count = count
 
-    def acquire(self, timeout: float, on_wait: Callable[[str], None] | None = None) -> Slot:
+    def acquire(self, timeout: float, on_wait: Callable[[str], None] | None = None,
+                cancelled: threading.Event | None = None) -> Slot:
         self.directory.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         told = False
@@ -67,6 +69,8 @@ class VMSlots:
             if not told and on_wait is not None:
                 on_wait(f"all {self.count} device VM slots are busy (--device-max-vms); waiting for one")
                 told = True
+            if cancelled is not None and cancelled.is_set():
+                raise BootError("the boot was cancelled while it waited for a device VM slot.")
             if time.monotonic() > deadline:
                 raise BootError(f"no device VM slot came free within {timeout:.0f} s "
                                 f"(--device-max-vms {self.count}); raise --device-max-vms or run fewer "

@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class DeviceVM:
         self.ssh_port = 0
         self.accel = ""
         self.boot_seconds = 0.0
+        self.ready_at = 0.0  # time.monotonic() when it became ready
         self._dom: Any = None
         self._spec: DomainSpec | None = None
         self._seed_spec: SeedSpec | None = None
@@ -107,6 +109,8 @@ class DeviceVM:
         self._ssh: SshClient | None = None
         self._slot: Slot | None = None
         self.kept = False
+        self.log = factory.log
+        self.cancelled = threading.Event()  # set to abandon a background (spare) boot
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -210,7 +214,7 @@ class DeviceVM:
 
     def boot(self) -> None:
         factory = self._factory
-        self._slot = factory.slots.acquire(SLOT_WAIT_S, factory.log)
+        self._slot = factory.slots.acquire(SLOT_WAIT_S, self.log, self.cancelled)
         started = time.monotonic()
         self.dir.mkdir(mode=0o711)
         os.chmod(self.dir, 0o711)  # noqa: S103 - qemu (another user) must traverse, not list
@@ -233,7 +237,8 @@ class DeviceVM:
         self._ssh = SshClient(port=self.ssh_port, key=factory.keypair.private_path, user=LOGIN_USER,
                               state_dir=self.dir)
         self._wait_ready(0, started + factory.timeout_for(self.request, self.accel))
-        self.boot_seconds = time.monotonic() - started
+        self.ready_at = time.monotonic()
+        self.boot_seconds = self.ready_at - started
 
     def _start_probing(self, choice: Choice) -> Choice:
         """Boot under KVM and trust it only if the kernel prints; else restart under TCG."""
@@ -253,7 +258,7 @@ class DeviceVM:
             raise BootError(f"--device-accel kvm was asked for but KVM does not work here: {reason} "
                             "(nested KVM is likely broken); use --device-accel auto or tcg. "
                             f"Last console lines:\n{self.console_tail(20)}")
-        self._factory.log(f"KVM does not work on this host ({reason}); using TCG (software emulation).")
+        self.log(f"KVM does not work on this host ({reason}); using TCG (software emulation).")
         self._console = ConsoleLog(self.console_path)
         self._start(kvm=False)
         return Choice(False, False, f"TCG (KVM probe failed: {reason})")
@@ -313,6 +318,8 @@ class DeviceVM:
         """
         banner = finished = False
         while True:
+            if self.cancelled.is_set():
+                raise BootError(f"device VM {self.name}: the boot was cancelled.")
             self._console.refresh()
             self._fail_on_console(since)
             if not self.is_active():
@@ -349,6 +356,21 @@ class DeviceVM:
                             f"last console lines:\n{self.console_tail(20)}")
 
 
+@dataclass
+class _Spare:
+    """A device booting (or booted) in a background thread for the next default request."""
+
+    vm: DeviceVM
+    thread: threading.Thread
+    errors: list[BaseException]
+    messages: list[str]
+
+    def discard(self) -> None:
+        self.vm.cancelled.set()
+        self.thread.join()
+        self.vm.destroy()
+
+
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else text
@@ -380,7 +402,8 @@ class DeviceVMFactory:
         self.slots = VMSlots(settings.workdir / ".slots",
                              settings.max_vms or default_max_vms(settings.memory_mib))
         self.swept = janitor.Swept()
-        self.boot_times: list[float] = []
+        self.boot_times: list[float] = []  # request to ready, per device handed out
+        self._spare: _Spare | None = None
 
     @property
     def booted(self) -> bool:
@@ -443,23 +466,65 @@ class DeviceVMFactory:
                          runcmd=tuple(runcmd), boot_timeout=boot_timeout)
 
     def create(self, request: VMRequest | None = None, **kwargs: Any) -> DeviceVM:
-        """Boot a fresh device and wait until it is ready."""
+        """A fresh device, ready: the spare booted in the background when it fits, else booted now."""
+        asked = time.monotonic()
         request = request or self.request(**kwargs)
         self.base_image  # noqa: B018 - obtain the image (and fail) before anything is allocated
         self.keypair  # noqa: B018
-        self._count += 1
-        vm = DeviceVM(self, f"{self.process_dir.name}-{self._count}", self.process_dir / str(self._count),
-                      request)
+        vm = self._take_spare(request)
+        if vm is None:
+            vm = self._new_vm(request)
+            try:
+                vm.boot()
+            except BaseException:
+                self.last_failed = vm
+                if not self.settings.keep_vm:
+                    vm.destroy()
+                raise
         self.vms.append(vm)
-        try:
-            vm.boot()
-        except BaseException:
-            self.last_failed = vm
-            if not self.settings.keep_vm:
-                vm.destroy()
-            raise
-        self.boot_times.append(vm.boot_seconds)
+        self.boot_times.append(time.monotonic() - asked)
+        if self.settings.prefetch and request == self.request():
+            self._start_spare(request)
         return vm
+
+    def _new_vm(self, request: VMRequest) -> DeviceVM:
+        self._count += 1
+        return DeviceVM(self, f"{self.process_dir.name}-{self._count}", self.process_dir / str(self._count),
+                        request)
+
+    def _start_spare(self, request: VMRequest) -> None:
+        """--device-prefetch: boot the next default device while the current test runs."""
+        vm = self._new_vm(request)
+        messages: list[str] = []
+        vm.log = messages.append  # the terminal belongs to the main thread: replay at hand-over
+        errors: list[BaseException] = []
+
+        def boot() -> None:
+            try:
+                vm.boot()
+            except BaseException as exc:  # handed to the main thread, which decides
+                errors.append(exc)
+
+        thread = threading.Thread(target=boot, name=f"fcdev-spare-{vm.name}", daemon=True)
+        thread.start()
+        self._spare = _Spare(vm, thread, errors, messages)
+
+    def _take_spare(self, request: VMRequest) -> DeviceVM | None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        if spare.vm.request != request:
+            spare.discard()  # an idle spare must not hold the slot this request may need
+            return None
+        spare.thread.join()
+        for message in spare.messages:
+            self.log(message)
+        if spare.errors:
+            spare.vm.destroy()
+            self.log(f"the spare device {spare.vm.name} did not boot ({_first_line(str(spare.errors[0]))}); "
+                     "booting another")
+            return None
+        return spare.vm
 
     def release(self, vm: DeviceVM) -> None:
         vm.destroy()
@@ -468,6 +533,9 @@ class DeviceVMFactory:
 
     def close(self) -> None:
         """Destroy every VM this factory made (kept ones stay) and close the connection."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.discard()
         for vm in list(self.vms):
             self.release(vm)
         if self._conn is not None:
