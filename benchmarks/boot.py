@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from boot_common import loadavg  # noqa: E402
-from boot_plugin import PluginContender  # noqa: E402
+from boot_plugin import PluginContender, measure_prefetch  # noqa: E402
 from boot_raw import RawContender, qemu_argv  # noqa: E402
 from boot_report import report as make_report  # noqa: E402
 from boot_testcloud import TestcloudContender, destroy_by_name  # noqa: E402
@@ -111,6 +112,18 @@ def _leftovers(scratch: Path, prefixes: list[str]) -> dict[str, Any]:
             "child_processes": [c.strip() for c in children if c.strip() and " ps -o" not in c]}
 
 
+def _prefetch_report(samples: list[float], results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    testcloud = statistics.median(r["ready_s"] for r in results["testcloud"]) if results["testcloud"] else None
+    median = statistics.median(samples)
+    return {
+        "definition": "--device-prefetch: DeviceVMFactory.create() when the previous test lasted at least one "
+                      "boot, so the spare booted meanwhile (measured alone, after the interleaved rounds)",
+        "median_s": round(median, 3), "samples_s": samples,
+        "ratio_to_testcloud": round(median / testcloud, 3) if testcloud else None,
+        "target_ratio": 0.7, "pass": bool(testcloud and median / testcloud <= 0.7),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     started = time.time()
@@ -143,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             orders.append([c.name for c in order])
             for contender in order:
                 results[contender.name].append(_run(contender))
+        prefetch = measure_prefetch(base, agent, workdir=scratch / "prefetch", rounds=args.rounds, **common)
     finally:
         if plugin is not None:
             plugin.close()
@@ -188,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "testcloud_network": testcloud.network if testcloud is not None else {},
         "warmup": warmup,
         **make_report(results),
+        "plugin_prefetch": _prefetch_report(prefetch, results),
         "cleanup": _leftovers(scratch, prefixes),
     }
     print(json.dumps(report, indent=2))

@@ -133,3 +133,31 @@ class PluginContender:
 
     def close(self) -> None:
         self.factory.close()
+
+
+def measure_prefetch(base: Path, agent: AgentConfig, *, memory_mib: int, vcpus: int, workdir: Path,
+                     timeout: float, rounds: int) -> list[float]:
+    """--device-prefetch: request-to-ready when the previous test lasted long enough for the spare to
+    boot. Measured on its own, after the interleaved rounds, so the background boot never competes
+    with another contender's round."""
+    settings = Settings().replace(
+        network="isolated", accel="tcg", memory_mib=memory_mib, vcpus=vcpus, workdir=workdir,
+        cache_dir=workdir / "cache", libvirt_uri=default_libvirt_uri(), boot_timeout=timeout / 4,
+        prefetch=True, max_vms=2)
+    factory = DeviceVMFactory(settings, base_image=base, agent=agent, run_id=secrets.token_hex(4),
+                              worker="bench")
+    samples: list[float] = []
+    try:
+        factory.check()
+        factory.keypair  # noqa: B018
+        vm = factory.create()
+        for _ in range(rounds):
+            factory.wait_spare(timeout)  # the test that used `vm` ran at least one boot long
+            factory.release(vm)
+            asked = time.monotonic()
+            vm = factory.create()
+            samples.append(round(time.monotonic() - asked, 3))
+        factory.release(vm)
+    finally:
+        factory.close()
+    return samples

@@ -53,7 +53,7 @@ print(json.dumps({"seconds": elapsed, "peak_rss_kib": resource.getrusage(resourc
 def make_payload(path: Path, size: int) -> None:
     """A bundle tar of `size` bytes of incompressible layer data plus manifest.json."""
     block = os.urandom(16 << 20)
-    manifest = json.dumps([{"Config": "c.json", "RepoTags": ["quay.io/flightctl/flightctl-device:base-b"],
+    manifest = json.dumps([{"Config": "c" * 64 + ".json", "RepoTags": ["quay.io/flightctl/flightctl-device:base-b"],
                             "Layers": ["layer.tar"]}]).encode()
     with tarfile.open(path, "w") as tar:
         info = tarfile.TarInfo("layer.tar")

@@ -509,6 +509,11 @@ class DeviceVMFactory:
         thread.start()
         self._spare = _Spare(vm, thread, errors, messages)
 
+    def wait_spare(self, timeout: float | None = None) -> None:
+        """Block until the background spare (if any) has booted: what a long enough test does."""
+        if self._spare is not None:
+            self._spare.thread.join(timeout)
+
     def _take_spare(self, request: VMRequest) -> DeviceVM | None:
         spare, self._spare = self._spare, None
         if spare is None:

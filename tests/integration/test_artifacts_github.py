@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def make_bundle(path: Path, payload_mib: int = 3) -> Path:
     """A docker-archive-like tar: manifest.json with RepoTags plus incompressible layer bytes."""
-    manifest = json.dumps([{"Config": "c.json", "RepoTags": ["quay.io/flightctl/flightctl-device:base-t"],
+    manifest = json.dumps([{"Config": "c" * 64 + ".json", "RepoTags": ["quay.io/flightctl/flightctl-device:base-t"],
                             "Layers": ["layer.tar"]}]).encode()
     layer = os.urandom(payload_mib << 20)
     with tarfile.open(path, "w") as tar:
@@ -289,7 +289,7 @@ def test_bundle_without_repo_tags_is_refused(gh: GitHubEmulator, tmp_path: Path)
     gh.add_artifact(run, "agent-images-bundle-x", payload=tarfile_bytes())
     with pytest.raises(ArtifactError) as info:
         Artifacts(settings(gh, tmp_path, github_run=str(run.id))).bundle()
-    assert_clean_error(info.value, "manifest.json with RepoTags")
+    assert_clean_error(info.value, "no manifest.json")
     assert final_objects(tmp_path) == []
 
 

@@ -22,7 +22,7 @@ def test_spare_is_handed_over_and_cleaned_up(make_factory: FactoryMaker, tiny_gu
     first = factory.create()
     assert factory._spare is not None
     spare_name = factory._spare.vm.name
-    factory._spare.thread.join(timeout=300)  # the "test" runs long enough for the spare to boot
+    factory.wait_spare(timeout=300)  # the "test" runs long enough for the spare to boot
     assert not factory._spare.errors
     factory.release(first)
     asked = time.monotonic()
