@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -27,3 +31,30 @@ def require_tool(name: str) -> str:
         missing(f"{name} is not installed (not found on PATH)")
         raise AssertionError("unreachable")
     return path
+
+
+HELLO = "hello from the host\n"
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = HELLO.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def hello_server() -> Iterator[int]:
+    """A loopback HTTP service answering every GET with HELLO: a host service for a guest to reach."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

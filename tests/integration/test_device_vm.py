@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 from pytest_flightctl_device.errors import BootError, ConfigError, GuestCommandError, MissingToolError
 from pytest_flightctl_device.seed import ready_marker
 from pytest_flightctl_device.vm import DeviceVM, DeviceVMFactory, open_libvirt
+from tests.helpers import HELLO, hello_server
 from tests.integration.conftest import FactoryMaker
 
 
@@ -105,30 +104,16 @@ def test_teardown_leaves_nothing(tiny_factory: DeviceVMFactory, tiny_guest: Path
 
 
 def test_host_forward_reaches_a_loopback_service(make_factory: FactoryMaker, tiny_guest: Path) -> None:
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"hello from the host\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-    port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    factory = make_factory(tiny_guest, memory_mib=256, vcpus=1, host_forward=(port,))
-    vm = factory.create()
-    try:
-        for _ in range(3):  # many connections, unlike qemu 7.2's guestfwd
-            assert vm.run(f"wget -q -O - http://127.0.0.1:{port}/").stdout == "hello from the host\n"
-        # Isolated: the host's loopback is not reachable through slirp's gateway address.
-        assert not vm.run(f"wget -q -T 3 -O - http://10.0.2.2:{port}/", check=False).ok
-    finally:
-        factory.release(vm)
-        server.shutdown()
+    with hello_server() as port:
+        factory = make_factory(tiny_guest, memory_mib=256, vcpus=1, host_forward=(port,))
+        vm = factory.create()
+        try:
+            for _ in range(3):  # many connections, unlike qemu 7.2's guestfwd
+                assert vm.run(f"wget -q -O - http://127.0.0.1:{port}/").stdout == HELLO
+            # Isolated: the host's loopback is not reachable through slirp's gateway address.
+            assert not vm.run(f"wget -q -T 3 -O - http://10.0.2.2:{port}/", check=False).ok
+        finally:
+            factory.release(vm)
 
 
 def test_cloud_init_failure_fails_fast(tiny_factory: DeviceVMFactory) -> None:

@@ -15,12 +15,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.guest.build import build_guest
-from tests.helpers import missing, require_tool
+from tests.helpers import HELLO, hello_server, missing, require_tool
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -221,18 +219,6 @@ def test_build_is_cached_and_readable_by_libvirt_qemu(tiny_guest: Path) -> None:
     assert "file format: qcow2" in info.stdout
 
 
-class _Hello(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"hello from the host\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 def test_tiny_guest_applies_seed_forwards_and_reboots(tiny_guest: Path, ssh_key: Key, tmp_path: Path) -> None:
     hostname = "fcdev-abc-main-1"
     seed = tmp_path / "seed.iso"
@@ -254,16 +240,10 @@ def test_tiny_guest_applies_seed_forwards_and_reboots(tiny_guest: Path, ssh_key:
         assert "DataSourceNoCloud" in status.stdout
 
         # The plugin reaches host services through `ssh -R` (restrict=on: no other way out).
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            fwd = f"18080:127.0.0.1:{server.server_address[1]}"
+        with hello_server() as port:
             got = guest.run("wget -q -O - http://127.0.0.1:18080/",
-                            extra=["-o", "ExitOnForwardFailure=yes", "-R", fwd])
-            assert got.stdout == "hello from the host\n"
-        finally:
-            server.shutdown()
-            server.server_close()
+                            extra=["-o", "ExitOnForwardFailure=yes", "-R", f"18080:127.0.0.1:{port}"])
+            assert got.stdout == HELLO
 
         # scp (SFTP protocol) works, as DeviceVM.put_file may use it.
         local = tmp_path / "payload.txt"
