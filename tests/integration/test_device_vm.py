@@ -192,3 +192,13 @@ def test_uefi_firmware(make_factory: FactoryMaker, tiny_guest: Path) -> None:
     finally:
         factory.release(vm)
     assert not (vm.dir / "VARS.fd").exists()
+
+
+def test_real_cloud_init_failure_is_reported(make_factory: FactoryMaker, debian_guest: Path) -> None:
+    """Real cloud-init 22.4 (Debian guest): a failing runcmd makes the boot fail, saying so."""
+    factory = make_factory(debian_guest, memory_mib=768, vcpus=1)
+    with pytest.raises(BootError, match="cloud-init") as info:
+        factory.create(runcmd=["echo fcdev-runcmd-fails; exit 3"])
+    message = str(info.value)
+    assert "Failed to run module scripts-user" in message or "status: error" in message
+    assert not any(p.is_dir() for p in factory.process_dir.iterdir())  # its files are gone
