@@ -20,9 +20,9 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from ..cache import Cache
-from ..errors import GitHubError
+from ..errors import ArtifactError, GitHubError
 from ..settings import Settings
-from .http import MeterFactory, Transfer, new_session, redact
+from .http import MeterFactory, Transfer, new_session, redact, redirect_target
 from .zipmember import extract_single
 
 TOKEN_ENVS = ("GITHUB_TOKEN", "GH_TOKEN")
@@ -274,14 +274,10 @@ class GitHubClient:
         if not location:
             raise GitHubError(f"GitHub sent no redirect for {what}; try again later.")
         try:
-            url = urljoin(artifact.download_url, location.strip())
-            scheme = urlsplit(url).scheme
-        except ValueError:
-            url, scheme = "", ""
-        if scheme not in ("http", "https"):
+            return redirect_target(artifact.download_url, location, what)
+        except ArtifactError:
             raise GitHubError(f"GitHub redirected {what} to something that is not an http(s) URL; "
-                              "try again later.")
-        return url
+                              "try again later.") from None
 
 
 class GitHubSource:

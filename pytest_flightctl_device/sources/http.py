@@ -140,7 +140,7 @@ class Transfer:
                     hops += 1
                     if hops > 10:
                         raise ArtifactError(f"{self.label}: {redact(url)} redirects in a loop; fix the URL.")
-                    url = _redirect(url, response.headers["Location"], self.label)
+                    url = redirect_target(url, response.headers["Location"], self.label)
                     continue
                 if status in (401, 403, 410) and self.refreshable:
                     stale = True  # the signed URL expired: a fresh one, then resume
@@ -305,7 +305,7 @@ class _Pipeline:
         return have
 
 
-def _redirect(url: str, location: str, label: str) -> str:
+def redirect_target(url: str, location: str, label: str) -> str:
     """The absolute http(s) URL a redirect points to, or ArtifactError naming the redirecting URL."""
     try:
         target = urljoin(url, location.strip())
