@@ -64,8 +64,8 @@ def _source_given(settings: Settings) -> bool:
 def agent_qcow2(request: pytest.FixtureRequest, device_settings: Settings) -> Path:
     """The embedded default here: the Debian test guest, unless a qcow2 source was given."""
     if _source_given(device_settings):
-        from pytest_flightctl_device.plugin import _artifact
+        from pytest_flightctl_device.plugin import _guarded
 
         artifacts = request.getfixturevalue("device_artifacts")
-        return _artifact(device_settings, artifacts.qcow2)
+        return _guarded(device_settings, artifacts.qcow2)
     return _guest("debian")

@@ -112,8 +112,9 @@ def _artifact_progress(config: pytest.Config) -> Callable[[str], None] | None:
     return emit
 
 
-def _artifact(settings: Settings, get: Callable[[], _T]) -> _T:
-    """Run `get`; a missing tool skips (an error under --device-require), other errors fail short."""
+def _guarded(settings: Settings, get: Callable[[], _T]) -> _T:
+    """Run `get` for a fixture: a missing tool skips (an error under --device-require), other library
+    errors fail the test in one line, without a traceback from inside the plugin."""
     from .errors import DeviceError, MissingToolError
 
     try:
@@ -139,13 +140,13 @@ def device_artifacts(request: pytest.FixtureRequest) -> Artifacts:
 @pytest.fixture(scope="session")
 def agent_images_bundle(request: pytest.FixtureRequest, device_artifacts: Artifacts) -> Path:
     """The verified images bundle tar (`podman save -m`), fetched once for all workers."""
-    return _artifact(settings_of(request.config), device_artifacts.bundle)
+    return _guarded(settings_of(request.config), device_artifacts.bundle)
 
 
 @pytest.fixture(scope="session")
 def agent_qcow2(request: pytest.FixtureRequest, device_artifacts: Artifacts) -> Path:
     """The verified qcow2 disk image, fetched once for all workers; treat it as read-only."""
-    return _artifact(settings_of(request.config), device_artifacts.qcow2)
+    return _guarded(settings_of(request.config), device_artifacts.qcow2)
 
 
 
@@ -176,7 +177,7 @@ def agent_images(request: pytest.FixtureRequest,
         return podman.load_bundle(conn, agent_images_bundle, settings, settings.cache_dir / "locks",
                                   progress)
 
-    yield _artifact(settings, load)
+    yield _guarded(settings, load)
     podman.close_shared()  # stops a private podman service this session started, by its PID
 
 
@@ -226,7 +227,7 @@ def agent_config(request: pytest.FixtureRequest) -> AgentConfig:
     settings = settings_of(request.config)
     if settings.agent_config is None and settings.agent_certs is None:
         return throwaway_agent_config()
-    return _artifact(settings, lambda: load_agent_config(
+    return _guarded(settings, lambda: load_agent_config(
         config=settings.agent_config, certs_dir=settings.agent_certs, server=settings.enrollment_server))
 
 
@@ -241,7 +242,7 @@ def device_vm_factory(request: pytest.FixtureRequest, agent_config: AgentConfig,
     factory = DeviceVMFactory(settings, base_image=agent_qcow2, agent=agent_config,
                               run_id=_run_id(config), worker=_worker(config),
                               log=_artifact_progress(config))
-    _artifact(settings, factory.check)
+    _guarded(settings, factory.check)
     config.stash[_FACTORY_KEY] = factory
     yield factory
     factory.close()
@@ -266,7 +267,7 @@ def device_vm(request: pytest.FixtureRequest, device_vm_factory: DeviceVMFactory
         pytest.fail(str(exc), pytrace=False)
     vms = request.node.stash.setdefault(_VMS_KEY, [])
     try:
-        vm = _artifact(settings, lambda: device_vm_factory.create(vm_request))
+        vm = _guarded(settings, lambda: device_vm_factory.create(vm_request))
     finally:
         if device_vm_factory.last_failed is not None:
             vms.append(device_vm_factory.last_failed)
