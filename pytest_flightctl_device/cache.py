@@ -60,7 +60,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class Problem:
-    """An object that failed `verify()`, and why."""
+    """An object that failed `check()` or `verify()`, and why."""
 
     path: Path
     reason: str
@@ -195,6 +195,18 @@ def check_qcow2(path: Path) -> None:
     if result.returncode not in (0, 3):  # 3: leaked clusters only, the data is intact
         reason = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["check failed"]
         raise ArtifactError(f"{path} failed `qemu-img check` ({reason[0]}); fetch the qcow2 again.")
+
+
+def _problem(entry: Entry) -> Problem | None:
+    """Why an object is not what its name and kind promise, or None when it is."""
+    try:
+        digest = sha256_file(entry.path)
+        if digest != entry.digest:
+            raise ArtifactError(f"content has sha256 {digest}, not {entry.digest}")
+        check_kind(entry.path, entry.kind)
+    except ArtifactError as exc:
+        return Problem(entry.path, str(exc))
+    return None
 
 
 def bundle_tags(path: Path) -> list[str]:
@@ -401,6 +413,10 @@ class Cache:
             path.unlink(missing_ok=True)
         return found
 
+    def check(self) -> list[Problem]:
+        """Re-hash and re-check every object, changing nothing (an audit; verify() also repairs)."""
+        return [problem for entry in self.entries() if (problem := _problem(entry)) is not None]
+
     def verify(self) -> list[Problem]:
         """Re-hash and re-check every object; the ones that fail are removed and reported.
 
@@ -409,13 +425,9 @@ class Cache:
         self.sweep_dead_temps()
         problems = []
         for entry in self.entries():
-            try:
-                digest = sha256_file(entry.path)
-                if digest != entry.digest:
-                    raise ArtifactError(f"content has sha256 {digest}, not {entry.digest}")
-                check_kind(entry.path, entry.kind)
-            except ArtifactError as exc:
-                problems.append(Problem(entry.path, str(exc)))
+            problem = _problem(entry)
+            if problem is not None:
+                problems.append(problem)
                 self._remove(entry)
         return problems
 

@@ -168,6 +168,8 @@ def test_verify_removes_tampered_objects(tmp_path: Path) -> None:
     victim = cache.entries()[0].path
     victim.chmod(0o644)
     victim.write_bytes(b"tampered")
+    audit = cache.check()  # reports, changes nothing
+    assert [p.path for p in audit] == [victim] and len(cache.entries()) == 2 and victim.exists()
     problems = cache.verify()
     assert [p.path for p in problems] == [victim] and "sha256" in problems[0].reason
     assert len(cache.entries()) == 1 and not victim.exists()
