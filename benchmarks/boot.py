@@ -39,9 +39,9 @@ from boot_raw import RawContender, qemu_argv  # noqa: E402
 from boot_report import report as make_report  # noqa: E402
 from boot_testcloud import TestcloudContender, destroy_by_name  # noqa: E402
 
-from pytest_flightctl_device.agent import throwaway_agent_config  # noqa: E402
+from pytest_flightctl_device.devices.agent import throwaway_agent_config  # noqa: E402
+from pytest_flightctl_device.devices.ssh import generate_keypair  # noqa: E402
 from pytest_flightctl_device.settings import default_libvirt_uri  # noqa: E402
-from pytest_flightctl_device.ssh import generate_keypair  # noqa: E402
 from tests.guest.build import build_guest  # noqa: E402
 
 

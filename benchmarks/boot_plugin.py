@@ -16,13 +16,13 @@ from typing import Any
 
 from boot_common import KERNEL, ConsoleWatch, console_patterns, cpu_seconds, libvirt_qemu_pid
 
-from pytest_flightctl_device import vm as vm_module
-from pytest_flightctl_device.agent import AgentConfig
-from pytest_flightctl_device.console import ConsoleLog
+from pytest_flightctl_device.devices import vm as vm_module
+from pytest_flightctl_device.devices.agent import AgentConfig
+from pytest_flightctl_device.devices.console import ConsoleLog
+from pytest_flightctl_device.devices.slots import VMSlots
+from pytest_flightctl_device.devices.ssh import BannerWatch
+from pytest_flightctl_device.devices.vm import DeviceVM, DeviceVMFactory
 from pytest_flightctl_device.settings import Settings, default_libvirt_uri
-from pytest_flightctl_device.slots import VMSlots
-from pytest_flightctl_device.ssh import BannerWatch
-from pytest_flightctl_device.vm import DeviceVM, DeviceVMFactory
 
 MARKER_PREFIX = "fcdev-ready i-"  # the plugin's final_message (seed.ready_marker) up to the id
 

@@ -45,10 +45,10 @@ from boot_common import (
     listening_addresses,
 )
 
-from pytest_flightctl_device.agent import AgentFile
-from pytest_flightctl_device.seed import SeedSpec, new_instance_id, ready_marker, render_user_data
-from pytest_flightctl_device.ssh import KeyPair, SshClient
-from pytest_flightctl_device.vm import LOGIN_USER
+from pytest_flightctl_device.devices.agent import AgentFile
+from pytest_flightctl_device.devices.seed import SeedSpec, new_instance_id, ready_marker, render_user_data
+from pytest_flightctl_device.devices.ssh import KeyPair, SshClient
+from pytest_flightctl_device.devices.vm import LOGIN_USER
 
 URI = "qemu:///session"
 NETDEV = re.compile(r"user,id=(?P<id>[^,]+),hostfwd=tcp::(?P<ssh>\d+)-:22,hostfwd=tcp::(?P<http>\d+)-:10022")

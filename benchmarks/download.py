@@ -32,12 +32,12 @@ from tests.integration.github_emulator import TOKEN, GitHubEmulator  # noqa: E40
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from pytest_flightctl_device.artifacts import Artifacts
+from pytest_flightctl_device.artifacts.session import Artifacts
 from pytest_flightctl_device.settings import Settings
 mode, api, cache, run, url, dest = sys.argv[1:7]
 start = time.perf_counter()
 if mode == "transfer":
-    from pytest_flightctl_device.sources.http import Transfer, new_session
+    from pytest_flightctl_device.artifacts.sources.http import Transfer, new_session
     with new_session() as session:
         Transfer(session, lambda: url, Path(dest), "bench", trusted_partial=True).run()
 else:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_flightctl_device import build, podman  # noqa: E402
+from pytest_flightctl_device.images import build, podman  # noqa: E402
 from pytest_flightctl_device.settings import Settings  # noqa: E402
 from tests.images.stand_ins import TEST_CONTAINERFILES, busybox_rootfs_tar, import_image  # noqa: E402
 
@@ -38,7 +38,7 @@ LOADER = """
 import json, resource, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
-from pytest_flightctl_device import podman
+from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
 settings = Settings(podman_url=sys.argv[1], image_repo=sys.argv[3], image_tag=sys.argv[4], variants=("base",))
 conn = podman.connect(settings)

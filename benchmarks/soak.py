@@ -29,11 +29,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_flightctl_device import vm as vm_module  # noqa: E402
-from pytest_flightctl_device.agent import throwaway_agent_config  # noqa: E402
-from pytest_flightctl_device.seed import ready_marker  # noqa: E402
+from pytest_flightctl_device.devices import vm as vm_module  # noqa: E402
+from pytest_flightctl_device.devices.agent import throwaway_agent_config  # noqa: E402
+from pytest_flightctl_device.devices.seed import ready_marker  # noqa: E402
+from pytest_flightctl_device.devices.ssh import SshClient  # noqa: E402
 from pytest_flightctl_device.settings import Settings  # noqa: E402
-from pytest_flightctl_device.ssh import SshClient  # noqa: E402
 from tests.guest.build import build_guest  # noqa: E402
 
 PHASES: dict[str, list[float]] = {}

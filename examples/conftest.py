@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_flightctl_device.vm import DeviceVM
+from pytest_flightctl_device.devices.vm import DeviceVM
 
 BANNER = "/etc/issue.d/flightctl-banner.issue"
 

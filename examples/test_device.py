@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from pytest_flightctl_device.agent import AgentConfig
-from pytest_flightctl_device.vm import DeviceVM
+from pytest_flightctl_device.devices.agent import AgentConfig
+from pytest_flightctl_device.devices.vm import DeviceVM
 
 
 def test_agent_has_enrollment_config(device_vm: DeviceVM, agent_config: AgentConfig,

@@ -1,5 +1,61 @@
-"""pytest-flightctl-device: real flightctl devices (libvirt VMs) as pytest fixtures."""
+"""pytest-flightctl-device: real flightctl devices (libvirt VMs) as pytest fixtures.
 
-from .errors import DeviceError
+The one import path for what users touch: ``from pytest_flightctl_device import DeviceVM, ...``.
+Names load on first use, so importing the plugin pulls in neither libvirt nor podman.
+"""
 
-__all__ = ["DeviceError"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pytest_flightctl_device.devices.agent import AgentConfig, AgentFile
+    from pytest_flightctl_device.devices.ssh import CommandResult
+    from pytest_flightctl_device.devices.vm import DeviceVM, DeviceVMFactory, VMRequest
+    from pytest_flightctl_device.errors import (
+        AgentConfigError,
+        ArtifactError,
+        BootError,
+        ConfigError,
+        DeviceError,
+        GitHubError,
+        GuestCommandError,
+        MissingToolError,
+        PodmanError,
+    )
+    from pytest_flightctl_device.images.podman import LoadedImages
+    from pytest_flightctl_device.settings import Settings
+
+_WHERE = {
+    "AgentConfig": "devices.agent", "AgentFile": "devices.agent", "CommandResult": "devices.ssh",
+    "DeviceVM": "devices.vm", "DeviceVMFactory": "devices.vm", "VMRequest": "devices.vm",
+    "LoadedImages": "images.podman", "Settings": "settings",
+    **{name: "errors" for name in ("AgentConfigError", "ArtifactError", "BootError", "ConfigError", "DeviceError",
+                                   "GitHubError", "GuestCommandError", "MissingToolError", "PodmanError")},
+}
+__all__ = [
+    "AgentConfig",
+    "AgentConfigError",
+    "AgentFile",
+    "ArtifactError",
+    "BootError",
+    "CommandResult",
+    "ConfigError",
+    "DeviceError",
+    "DeviceVM",
+    "DeviceVMFactory",
+    "GitHubError",
+    "GuestCommandError",
+    "LoadedImages",
+    "MissingToolError",
+    "PodmanError",
+    "Settings",
+    "VMRequest",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from .errors import ConfigError
-from .settings import KNOBS, Settings
+from pytest_flightctl_device.errors import ConfigError
+from pytest_flightctl_device.settings import KNOBS, Settings
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 _T = TypeVar("_T")
@@ -70,7 +70,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         lines.append("flightctl-device: agent config: a throwaway CA and enrollment certificate "
                      "(no real enrollment server; give --device-agent-config or --device-agent-certs)")
     if settings.accel == "auto":
-        from .accel import Accelerator
+        from pytest_flightctl_device.devices.accel import Accelerator
 
         verdict = Accelerator("auto", settings.cache_dir / "accel.json").remembered()
         if verdict is not None:
@@ -92,7 +92,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from .artifacts import Artifacts
+    from pytest_flightctl_device.artifacts.session import Artifacts
 
 
 def _artifact_progress(config: pytest.Config) -> Callable[[str], None] | None:
@@ -115,7 +115,7 @@ def _artifact_progress(config: pytest.Config) -> Callable[[str], None] | None:
 def _guarded(settings: Settings, get: Callable[[], _T]) -> _T:
     """Run `get` for a fixture: a missing tool skips (an error under --device-require), other library
     errors fail the test in one line, without a traceback from inside the plugin."""
-    from .errors import DeviceError, MissingToolError
+    from pytest_flightctl_device.errors import DeviceError, MissingToolError
 
     try:
         return get()
@@ -130,7 +130,7 @@ def _guarded(settings: Settings, get: Callable[[], _T]) -> _T:
 @pytest.fixture(scope="session")
 def device_artifacts(request: pytest.FixtureRequest) -> Artifacts:
     """This session's artifacts; nothing is resolved, fetched or checked until a fixture asks."""
-    from .artifacts import Artifacts
+    from pytest_flightctl_device.artifacts.session import Artifacts
 
     config = request.config
     tty = bool(getattr(config.get_terminal_writer(), "hasmarkup", False))
@@ -155,7 +155,7 @@ def agent_qcow2(request: pytest.FixtureRequest, device_artifacts: Artifacts) -> 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
-    from .podman import LoadedImages
+    from pytest_flightctl_device.images.podman import LoadedImages
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +167,7 @@ def agent_images(request: pytest.FixtureRequest,
     Returns a LoadedImages: `.tags` lists `<image_repo>:<variant>-<tag>` in variant order,
     `images["v2"]` gives one variant's tag, `.image_ids` maps tag -> image ID.
     """
-    from . import podman
+    from pytest_flightctl_device.images import podman
 
     settings = settings_of(request.config)
     progress = _artifact_progress(request.config)
@@ -186,8 +186,8 @@ def agent_images(request: pytest.FixtureRequest,
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from .agent import AgentConfig
-    from .vm import DeviceVM, DeviceVMFactory
+    from pytest_flightctl_device.devices.agent import AgentConfig
+    from pytest_flightctl_device.devices.vm import DeviceVM, DeviceVMFactory
 
 RUN_ID_KEY = "fcdev_run_id"
 _VMS_KEY = pytest.StashKey[list["DeviceVM"]]()
@@ -222,7 +222,7 @@ def _worker(config: pytest.Config) -> str:
 @pytest.fixture(scope="session")
 def agent_config(request: pytest.FixtureRequest) -> AgentConfig:
     """The agent config and certs every device gets at boot; override it in a conftest to change."""
-    from .agent import load_agent_config, throwaway_agent_config
+    from pytest_flightctl_device.devices.agent import load_agent_config, throwaway_agent_config
 
     settings = settings_of(request.config)
     if settings.agent_config is None and settings.agent_certs is None:
@@ -235,7 +235,7 @@ def agent_config(request: pytest.FixtureRequest) -> AgentConfig:
 def device_vm_factory(request: pytest.FixtureRequest, agent_config: AgentConfig,
                       agent_qcow2: Path) -> Iterator[DeviceVMFactory]:
     """Makes device VMs for this session (or xdist worker); destroys them all at the end."""
-    from .vm import DeviceVMFactory
+    from pytest_flightctl_device.devices.vm import DeviceVMFactory
 
     config = request.config
     settings = settings_of(config)
@@ -251,7 +251,7 @@ def device_vm_factory(request: pytest.FixtureRequest, agent_config: AgentConfig,
 @pytest.fixture
 def device_vm(request: pytest.FixtureRequest, device_vm_factory: DeviceVMFactory) -> Iterator[DeviceVM]:
     """A fresh, ready device for this test; `@pytest.mark.device(...)` says which."""
-    from .errors import ConfigError as _ConfigError
+    from pytest_flightctl_device.errors import ConfigError as _ConfigError
 
     marker = request.node.get_closest_marker("device")
     kwargs = dict(marker.kwargs) if marker else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ConfigError
+from pytest_flightctl_device.errors import ConfigError
 
 ENV_PREFIX = "FLIGHTCTL_DEVICE_"
 VARIANTS = ("base", "v2", "v3", "v4")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device import podman
 from pytest_flightctl_device.errors import MissingToolError
+from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
 from tests.helpers import missing, require_tool
 

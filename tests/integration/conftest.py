@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device.agent import AgentConfig
+from pytest_flightctl_device.devices.agent import AgentConfig
+from pytest_flightctl_device.devices.vm import DeviceVMFactory
 from pytest_flightctl_device.errors import MissingToolError
 from pytest_flightctl_device.settings import Settings
-from pytest_flightctl_device.vm import DeviceVMFactory
 from tests.helpers import missing
 
 FactoryMaker = Callable[..., DeviceVMFactory]

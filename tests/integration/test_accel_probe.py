@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pytest_flightctl_device.accel import kvm_device_usable
+from pytest_flightctl_device.devices.accel import kvm_device_usable
 from pytest_flightctl_device.errors import BootError
 from tests.helpers import missing
 from tests.integration.conftest import FactoryMaker

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device.artifacts import Artifacts
+from pytest_flightctl_device.artifacts.session import Artifacts
 from pytest_flightctl_device.errors import ArtifactError, GitHubError
 from pytest_flightctl_device.settings import Settings
 from tests.helpers import require_tool
@@ -222,7 +222,7 @@ def test_kill_9_mid_download_then_clean_resume(gh: GitHubEmulator, payloads: dic
     run, _, _ = standard_run(gh, payloads)
     gh.throttle = 1e6  # ~3 s for the bundle
     script = (
-        "import sys\nfrom pytest_flightctl_device.artifacts import Artifacts\n"
+        "import sys\nfrom pytest_flightctl_device.artifacts.session import Artifacts\n"
         "from pytest_flightctl_device.settings import Settings\n"
         f"s = Settings.resolve({{'github_api_url': {gh.api_url!r}, 'cache_dir': {str(tmp_path / 'cache')!r}, "
         f"'github_run': '{run.id}'}}, {{}}, {{}})\n"
@@ -414,7 +414,7 @@ def test_fixture_error_shows_cause_without_token(gh: GitHubEmulator, payloads: d
 
 
 def test_level_1_and_level_0_zips_extract(tmp_path: Path, payloads: dict[str, Path]) -> None:
-    from pytest_flightctl_device.sources.zipmember import extract_single
+    from pytest_flightctl_device.artifacts.sources.zipmember import extract_single
 
     for level in (0, 1):
         archive = make_artifact_zip(tmp_path / f"l{level}.zip", "agent-images-bundle.tar", payloads["bundle"],

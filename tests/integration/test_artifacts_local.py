@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device.artifacts import Artifacts
+from pytest_flightctl_device.artifacts.session import Artifacts
 from pytest_flightctl_device.errors import ConfigError
 from pytest_flightctl_device.settings import Settings
 from tests.helpers import require_tool

@@ -33,11 +33,11 @@ from typing import Any
 
 import pytest
 
-from pytest_flightctl_device import podman
-from pytest_flightctl_device.cache import Cache, sha256_file
+from pytest_flightctl_device.artifacts.cache import Cache, sha256_file
+from pytest_flightctl_device.devices.vm import open_libvirt
 from pytest_flightctl_device.errors import MissingToolError
+from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import VARIANTS, Settings
-from pytest_flightctl_device.vm import open_libvirt
 from tests.helpers import missing, require_tool
 from tests.images.stand_ins import busybox_rootfs_tar, import_image, podman_conn, remove_images, test_repo
 from tests.integration import chaos_inner
@@ -574,7 +574,7 @@ def _destroy_our_domains(conn: Any, root: Path) -> None:
 POINT_KILL = '''
 import os, signal, sys
 from pathlib import Path
-from pytest_flightctl_device import cache
+from pytest_flightctl_device.artifacts import cache
 
 root, point = Path(sys.argv[1]), sys.argv[2]
 real_replace = os.replace
@@ -642,8 +642,8 @@ def test_cache_verify_removes_what_a_writer_killed_before_its_rename_left(point:
 FETCH = '''
 import sys
 from pathlib import Path
-from pytest_flightctl_device.cache import Cache
-from pytest_flightctl_device.sources.http import fetch_url
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.artifacts.sources.http import fetch_url
 fetch_url(sys.argv[2], Cache(Path(sys.argv[1])), kind="file", sha256=None)
 '''
 

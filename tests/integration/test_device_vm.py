@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_flightctl_device.devices.seed import ready_marker
+from pytest_flightctl_device.devices.vm import DeviceVM, DeviceVMFactory, open_libvirt
 from pytest_flightctl_device.errors import BootError, ConfigError, GuestCommandError, MissingToolError
-from pytest_flightctl_device.seed import ready_marker
-from pytest_flightctl_device.vm import DeviceVM, DeviceVMFactory, open_libvirt
 from tests.helpers import HELLO, hello_server
 from tests.integration.conftest import FactoryMaker
 

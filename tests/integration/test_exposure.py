@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pytest_flightctl_device.agent import load_agent_config
+from pytest_flightctl_device.devices.agent import load_agent_config
 from tests.helpers import missing, require_tool
 from tests.integration.github_emulator import GitHubEmulator
 

@@ -334,8 +334,8 @@ def test_tiny_reader_parses_what_seed_py_renders(tmp_path: Path) -> None:
     """The tiny guest's awk reader, run with busybox on the host, reads seed.py's user-data as PyYAML does."""
     import yaml
 
-    from pytest_flightctl_device.agent import AgentFile
-    from pytest_flightctl_device.seed import SeedSpec, render_user_data
+    from pytest_flightctl_device.devices.agent import AgentFile
+    from pytest_flightctl_device.devices.seed import SeedSpec, render_user_data
 
     busybox = require_tool("busybox")
     awk_prog = Path(__file__).parents[1] / "guest/files/tiny/rootfs/usr/lib/fcdev/cloud-config.awk"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device import build, podman
 from pytest_flightctl_device.errors import ArtifactError, ConfigError, PodmanError
+from pytest_flightctl_device.images import build, podman
 from pytest_flightctl_device.settings import Settings
 from tests.images.stand_ins import (
     TEST_CONTAINERFILES,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pytest_flightctl_device import podman
+from pytest_flightctl_device.images import podman
 from tests.images.stand_ins import (
     TEST_CONTAINERFILES,
     bib_stand_in,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device import podman
+from pytest_flightctl_device.images import podman
 from tests.images.stand_ins import (
     TEST_CONTAINERFILES,
     bib_stand_in,

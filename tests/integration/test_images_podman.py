@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pytest_flightctl_device import podman
+from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
 from tests.helpers import require_tool
 
@@ -55,7 +55,7 @@ def test_private_service_dies_with_a_killed_owner(tmp_path: Path) -> None:
     require_tool("podman")
     child = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
-from pytest_flightctl_device import podman
+from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
 conn = podman.connect(Settings(), env={{}}, default_url="unix://{tmp_path}/absent.sock")
 print(conn.service.pid, conn.url, flush=True)

@@ -11,17 +11,17 @@ import textwrap
 import time
 from pathlib import Path
 
-from pytest_flightctl_device import janitor
-from pytest_flightctl_device.owner import Owner
+from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.devices import janitor
+from pytest_flightctl_device.devices.vm import DeviceVMFactory, open_libvirt
 from pytest_flightctl_device.settings import Settings
-from pytest_flightctl_device.vm import DeviceVMFactory, open_libvirt
 
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pytest_flightctl_device.agent import throwaway_agent_config
+    from pytest_flightctl_device.devices.agent import throwaway_agent_config
     from pytest_flightctl_device.settings import Settings
-    from pytest_flightctl_device.vm import DeviceVMFactory
+    from pytest_flightctl_device.devices.vm import DeviceVMFactory
 
     settings = Settings.resolve({}, {}, {}).replace(
         network="isolated", memory_mib=256, vcpus=1, libvirt_uri=sys.argv[3], workdir=Path(sys.argv[4]),

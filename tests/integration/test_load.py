@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from pytest_flightctl_device import podman
+from pytest_flightctl_device.devices.vm import open_libvirt
+from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
-from pytest_flightctl_device.vm import open_libvirt
 from tests.helpers import missing
 from tests.images.stand_ins import busybox_rootfs_tar, import_image, podman_conn, remove_images, test_repo
 
@@ -44,7 +44,7 @@ import os, pathlib, time
 
 import pytest
 
-from pytest_flightctl_device import slots
+from pytest_flightctl_device.devices import slots
 
 OUT = pathlib.Path(os.environ["PFTD_LOAD_OUT"])
 _freed: list[float] = []

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device import janitor
+from pytest_flightctl_device.devices import janitor
+from pytest_flightctl_device.devices.vm import open_libvirt
 from pytest_flightctl_device.settings import Settings
-from pytest_flightctl_device.vm import open_libvirt
 
 pytest_plugins = ["pytester"]
 

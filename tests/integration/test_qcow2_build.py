@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device import podman, qcow2
-from pytest_flightctl_device.cache import Cache
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.artifacts.sources.build import qcow2_of
 from pytest_flightctl_device.errors import PodmanError
+from pytest_flightctl_device.images import podman, qcow2
 from pytest_flightctl_device.settings import Settings
-from pytest_flightctl_device.sources.build import qcow2_of
 from tests.helpers import require_tool
 from tests.images.stand_ins import bib_stand_in, busybox_base, podman_conn, test_repo
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from pytest_flightctl_device.agent import throwaway_agent_config
-from pytest_flightctl_device.seed import (
+from pytest_flightctl_device.devices.agent import throwaway_agent_config
+from pytest_flightctl_device.devices.seed import (
     SeedSpec,
     new_instance_id,
     render_meta_data,

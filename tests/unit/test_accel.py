@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device import accel
-from pytest_flightctl_device.accel import Accelerator, watch_kernel
-from pytest_flightctl_device.console import ConsoleLog
+from pytest_flightctl_device.devices import accel
+from pytest_flightctl_device.devices.accel import Accelerator, watch_kernel
+from pytest_flightctl_device.devices.console import ConsoleLog
 from pytest_flightctl_device.errors import ConfigError
 
 

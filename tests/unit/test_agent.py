@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from pytest_flightctl_device.agent import (
+from pytest_flightctl_device.devices.agent import (
     CA_PATH,
     CERT_PATH,
     CONFIG_PATH,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device.cache import Cache
+from pytest_flightctl_device.artifacts.cache import Cache
 from pytest_flightctl_device.errors import ArtifactError
 from tests.helpers import require_tool
 
@@ -145,7 +145,7 @@ def test_threads_wanting_one_key_produce_once(tmp_path: Path) -> None:
 
 def populate_in_child(root: Path, items: dict[str, bytes]) -> None:
     """Fill the cache from another process, which then exits: its holds end with it."""
-    script = ("import sys, time\nfrom pathlib import Path\nfrom pytest_flightctl_device.cache import Cache\n"
+    script = ("import sys, time\nfrom pathlib import Path\nfrom pytest_flightctl_device.artifacts.cache import Cache\n"
               f"c = Cache(Path({str(root)!r}))\n")
     for key, data in items.items():
         script += f"c.obtain({key!r}, lambda t: t.write_bytes({data!r}), kind='file')\ntime.sleep(0.05)\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_flightctl_device.console import CLOUD_INIT_ERROR, KERNEL_OUTPUT, NO_BOOT_DEVICE, PANIC, ConsoleLog
+from pytest_flightctl_device.devices.console import CLOUD_INIT_ERROR, KERNEL_OUTPUT, NO_BOOT_DEVICE, PANIC, ConsoleLog
 
 
 def test_incremental_reads_and_marks(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pytest_flightctl_device.build import default_containerfiles
+from pytest_flightctl_device.images.build import default_containerfiles
 
 REAL = default_containerfiles()
 TEST = Path(__file__).resolve().parents[1] / "images" / "containerfiles"

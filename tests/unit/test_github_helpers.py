@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_flightctl_device.artifacts.sources.github import Artifact, GitHubClient, token_from_env
+from pytest_flightctl_device.artifacts.sources.http import redact
+from pytest_flightctl_device.artifacts.sources.zipmember import safe_name
+from pytest_flightctl_device.core.progress import Meter
 from pytest_flightctl_device.errors import ArtifactError
-from pytest_flightctl_device.progress import Meter
-from pytest_flightctl_device.sources.github import Artifact, GitHubClient, token_from_env
-from pytest_flightctl_device.sources.http import redact
-from pytest_flightctl_device.sources.zipmember import safe_name
 
 
 def test_token_prefers_github_token_then_gh_token() -> None:

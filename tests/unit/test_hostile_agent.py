@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from pytest_flightctl_device.agent import (
+from pytest_flightctl_device.devices.agent import (
     CA_PATH,
     CERT_PATH,
     CONFIG_PATH,

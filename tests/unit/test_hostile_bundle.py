@@ -21,9 +21,9 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from pytest_flightctl_device.cache import bundle_tags
+from pytest_flightctl_device.artifacts.cache import bundle_tags
+from pytest_flightctl_device.core.formats import MANIFEST_MAX_BYTES, ManifestEntry, read_manifest
 from pytest_flightctl_device.errors import ArtifactError, DeviceError
-from pytest_flightctl_device.manifest import MANIFEST_MAX_BYTES, ManifestEntry, read_manifest
 from tests.unit.hostile_support import BOUNDED, clear_error, jail
 
 HEX = "0123456789abcdef" * 4

@@ -26,9 +26,9 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from pytest_flightctl_device.cache import Cache
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.artifacts.sources.github import Artifact, GitHubClient, GitHubSource
 from pytest_flightctl_device.errors import ArtifactError, DeviceError, GitHubError
-from pytest_flightctl_device.sources.github import Artifact, GitHubClient, GitHubSource
 from tests.unit.hostile_support import BOUNDED, clear_error, jail
 
 TOKEN = "ghp_HostileTestToken_0123456789abcdefABCDEF"

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
+from pytest_flightctl_device.artifacts.sources.zipmember import extract_single
 from pytest_flightctl_device.errors import ArtifactError, DeviceError
-from pytest_flightctl_device.sources.zipmember import extract_single
 from tests.unit.hostile_support import BOUNDED, clear_error, jail, tree
 
 TRAVERSAL = [".", "./", "./a:b", "x//..", "../x.tar", "a/../../x", "/etc/passwd", "/abs/x", "C:/x", "C:x",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from pytest_flightctl_device.owner import Owner, _start_ticks
+from pytest_flightctl_device.core.owner import Owner, _start_ticks
 
 
 def test_current_process_is_alive() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device import build, podman, qcow2
 from pytest_flightctl_device.errors import ArtifactError, ConfigError, MissingToolError, PodmanError
+from pytest_flightctl_device.images import build, podman, qcow2
 from pytest_flightctl_device.settings import Settings
 
 ID_A, ID_B = "a" * 64, "b" * 64

@@ -15,9 +15,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_flightctl_device.agent import AgentFile, throwaway_agent_config
-from pytest_flightctl_device.errors import ConfigError
-from pytest_flightctl_device.seed import (
+from pytest_flightctl_device.devices.agent import AgentFile, throwaway_agent_config
+from pytest_flightctl_device.devices.seed import (
     SeedSpec,
     new_instance_id,
     ready_marker,
@@ -27,6 +26,7 @@ from pytest_flightctl_device.seed import (
     render_user_data,
     write_seed_iso,
 )
+from pytest_flightctl_device.errors import ConfigError
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDtqJ7zOtqQtYqOo0CpvDXNlMhV3HeJDpjrASKGLWdop fcdev"
 FILES = (AgentFile("/etc/flightctl/config.yaml", b"enrollment-service: {}\n", 0o600),

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device import slots
+from pytest_flightctl_device.devices import slots
+from pytest_flightctl_device.devices.slots import VMSlots, default_max_vms
 from pytest_flightctl_device.errors import BootError
-from pytest_flightctl_device.slots import VMSlots, default_max_vms
 
 
 def test_slots_queue_and_release(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_slots_are_shared_across_processes(tmp_path: Path) -> None:
     child = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from pytest_flightctl_device.slots import VMSlots
+        from pytest_flightctl_device.devices.slots import VMSlots
         slot = VMSlots(Path({str(tmp_path)!r}), 1).acquire(5)
         print("held", flush=True)
         time.sleep(30)

@@ -29,11 +29,11 @@ import podman
 import requests
 from filelock import FileLock
 
-from .errors import ArtifactError, MissingToolError, PodmanError
-from .manifest import ManifestEntry as ManifestEntry  # re-exported: podman.ManifestEntry
-from .manifest import read_manifest as read_manifest  # re-exported: podman.read_manifest
-from .owner import Owner
-from .settings import Settings
+from pytest_flightctl_device.core.formats import ManifestEntry as ManifestEntry  # re-exported: podman.ManifestEntry
+from pytest_flightctl_device.core.formats import read_manifest as read_manifest  # re-exported: podman.read_manifest
+from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.errors import ArtifactError, MissingToolError, PodmanError
+from pytest_flightctl_device.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .errors import GuestCommandError, MissingToolError
+from pytest_flightctl_device.errors import GuestCommandError, MissingToolError
 
 # A unix socket path must fit in sun_path (108 bytes on Linux, with room for ssh's suffix).
 _MAX_SOCKET_PATH = 100

@@ -11,10 +11,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .errors import DeviceError
+from pytest_flightctl_device.errors import DeviceError
 
 # Modules that register subcommands; each has add_parsers(subparsers).
-_COMMAND_MODULES = ("cli_fetch", "cli_images", "cli_device")
+_COMMAND_MODULES = ("fetch", "images", "device")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,15 @@ import json
 import os
 from pathlib import Path
 
-from ..cache import Cache, _write_json, bundle_tags, check_qcow2, qcow2_info, sha256_file
-from ..errors import ArtifactError, ConfigError
+from pytest_flightctl_device.artifacts.cache import (
+    Cache,
+    _write_json,
+    bundle_tags,
+    check_qcow2,
+    qcow2_info,
+    sha256_file,
+)
+from pytest_flightctl_device.errors import ArtifactError, ConfigError
 
 
 def _identity(path: Path) -> str:

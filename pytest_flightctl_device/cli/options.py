@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .errors import ConfigError
-from .settings import KNOBS, Settings, knob
+from pytest_flightctl_device.errors import ConfigError
+from pytest_flightctl_device.settings import KNOBS, Settings, knob
 
 
 def add_knobs(parser: argparse.ArgumentParser, *attrs: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
+from pytest_flightctl_device.errors import ArtifactError
 
 
 @dataclass(frozen=True)

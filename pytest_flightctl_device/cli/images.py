@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import build, podman
-from .cache import Cache
-from .errors import PodmanError
-from .settings import Settings
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.errors import PodmanError
+from pytest_flightctl_device.images import build, podman
+from pytest_flightctl_device.settings import Settings
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -67,7 +67,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_qcow2(args: argparse.Namespace) -> int:
-    from .sources.build import qcow2_of
+    from pytest_flightctl_device.artifacts.sources.build import qcow2_of
 
     settings = _tag(_settings(args))
     ref = podman.expected_tags(settings)["base"]

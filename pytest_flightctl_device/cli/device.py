@@ -11,11 +11,11 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from .accel import Accelerator, kvm_device_usable
-from .agent import load_agent_config, throwaway_agent_config
-from .cli_options import add_knobs, resolve
-from .errors import DeviceError
-from .settings import Settings
+from pytest_flightctl_device.cli.options import add_knobs, resolve
+from pytest_flightctl_device.devices.accel import Accelerator, kvm_device_usable
+from pytest_flightctl_device.devices.agent import load_agent_config, throwaway_agent_config
+from pytest_flightctl_device.errors import DeviceError
+from pytest_flightctl_device.settings import Settings
 
 _VM_KNOBS = ("qcow2", "agent_config", "agent_certs", "enrollment_server", "accel", "libvirt_uri",
              "memory_mib", "vcpus", "boot_timeout", "workdir", "network", "host_forward", "firmware",
@@ -36,12 +36,12 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _boot(args: argparse.Namespace) -> int:
-    from .vm import DeviceVMFactory
+    from pytest_flightctl_device.devices.vm import DeviceVMFactory
 
     settings = resolve(args)
     if settings.qcow2 is None:
         raise DeviceError("no disk image: give --qcow2 PATH (or FLIGHTCTL_DEVICE_QCOW2).")
-    from .artifacts import Artifacts
+    from pytest_flightctl_device.artifacts.session import Artifacts
 
     if settings.agent_config or settings.agent_certs:
         agent = load_agent_config(config=settings.agent_config, certs_dir=settings.agent_certs,
@@ -92,7 +92,7 @@ def checks(settings: Settings) -> list[Check]:
         path = shutil.which(tool)
         found.append(Check(tool, path is not None, path or f"not on PATH; install {package}"))
     try:
-        from .vm import open_libvirt
+        from pytest_flightctl_device.devices.vm import open_libvirt
 
         conn = open_libvirt(settings.libvirt_uri)
         version = conn.getLibVersion()

@@ -33,8 +33,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from .errors import ArtifactError, MissingToolError
-from .manifest import read_manifest
+from pytest_flightctl_device.core.formats import read_manifest
+from pytest_flightctl_device.errors import ArtifactError, MissingToolError
 
 KINDS = ("qcow2", "bundle", "file")
 _EXT = {"qcow2": "qcow2", "bundle": "tar", "file": "bin"}

@@ -22,8 +22,8 @@ from pathlib import Path
 import pycdlib
 import yaml
 
-from .agent import AgentFile
-from .errors import ConfigError
+from pytest_flightctl_device.devices.agent import AgentFile
+from pytest_flightctl_device.errors import ConfigError
 
 USER_NAME = "user"
 VOLUME_ID = "cidata"

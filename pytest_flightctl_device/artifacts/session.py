@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from .cache import Cache
-from .errors import ConfigError
-from .settings import Settings
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.errors import ConfigError
+from pytest_flightctl_device.settings import Settings
 
 if TYPE_CHECKING:
-    from .sources.github import GitHubSource
+    from pytest_flightctl_device.artifacts.sources.github import GitHubSource
 
 Progress = Callable[[str], None]
 
@@ -79,11 +79,11 @@ class Artifacts:
         sha = settings.bundle_sha256 if kind == "bundle" else settings.qcow2_sha256
         if given:
             if _is_url(given):
-                from .sources.http import fetch_url
+                from pytest_flightctl_device.artifacts.sources.http import fetch_url
 
                 path = fetch_url(given, self.cache, kind=kind, sha256=sha, meter=self._meter, say=self._say)
             else:
-                from .sources.local import local_bundle, local_qcow2
+                from pytest_flightctl_device.artifacts.sources.local import local_bundle, local_qcow2
 
                 check = local_bundle if kind == "bundle" else local_qcow2
                 return check(given, sha256=sha, cache=self.cache)
@@ -102,16 +102,16 @@ class Artifacts:
 
     def _github_source(self) -> GitHubSource:
         if self._github is None:
-            from .sources.github import GitHubSource
+            from pytest_flightctl_device.artifacts.sources.github import GitHubSource
 
             self._github = GitHubSource.from_settings(self.settings, self.cache, say=self._say)
         return self._github
 
     def _meter(self, label: str, total: int | None) -> Meter:
-        from .progress import Meter
+        from pytest_flightctl_device.core.progress import Meter
 
         return Meter(label, total, self._progress, interval=self._interval, bar=self._bar)
 
 
 if TYPE_CHECKING:
-    from .progress import Meter
+    from pytest_flightctl_device.core.progress import Meter

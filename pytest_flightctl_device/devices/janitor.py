@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .domain import METADATA_NS
-from .owner import Owner
+from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.devices.domain import METADATA_NS
 
 PREFIX = "fcdev-"
 OWNER_FILE = "owner.json"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .. import build, podman, qcow2
-from ..cache import Cache
-from ..podman import Progress
-from ..settings import Settings
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.images import build, podman, qcow2
+from pytest_flightctl_device.images.podman import Progress
+from pytest_flightctl_device.settings import Settings
 
 _built: dict[Settings, build.BuiltImages] = {}
 _built_lock = threading.Lock()

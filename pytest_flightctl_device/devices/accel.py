@@ -20,8 +20,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .console import KERNEL_OUTPUT, ConsoleLog
-from .errors import ConfigError
+from pytest_flightctl_device.devices.console import KERNEL_OUTPUT, ConsoleLog
+from pytest_flightctl_device.errors import ConfigError
 
 # Under a working KVM the kernel prints within a second or two of the bootloader; a bootloader
 # menu keeps printing while it counts down. Silence this long without kernel output = broken.

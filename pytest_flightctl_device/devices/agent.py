@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import AgentConfigError
+from pytest_flightctl_device.errors import AgentConfigError
 
 CONFIG_PATH = "/etc/flightctl/config.yaml"
 CERTS_DIR = "/etc/flightctl/certs"

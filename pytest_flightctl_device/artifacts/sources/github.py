@@ -19,11 +19,11 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from ..cache import Cache
-from ..errors import ArtifactError, GitHubError
-from ..settings import Settings
-from .http import MeterFactory, Transfer, new_session, redact, redirect_target
-from .zipmember import extract_single
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.artifacts.sources.http import MeterFactory, Transfer, new_session, redact, redirect_target
+from pytest_flightctl_device.artifacts.sources.zipmember import extract_single
+from pytest_flightctl_device.errors import ArtifactError, GitHubError
+from pytest_flightctl_device.settings import Settings
 
 TOKEN_ENVS = ("GITHUB_TOKEN", "GH_TOKEN")
 _SCOPES = ("a classic token needs the repo scope (public_repo for a public repository), a fine-grained "

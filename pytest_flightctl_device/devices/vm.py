@@ -22,18 +22,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import janitor
-from .accel import TCG_TIMEOUT_FACTOR, Accelerator, Choice, watch_kernel
-from .agent import AgentConfig, redact
-from .console import CLOUD_INIT_ERROR, NO_BOOT_DEVICE, PANIC, ConsoleLog
-from .domain import METADATA_KEY, METADATA_NS, DomainSpec, owner_metadata, render
-from .errors import BootError, ConfigError, DeviceError, MissingToolError
-from .owner import Owner
-from .ports import port_reservation
-from .seed import SeedSpec, new_instance_id, ready_marker, redacted_user_data, write_seed_iso
-from .settings import VARIANTS, Settings
-from .slots import Slot, VMSlots, default_max_vms
-from .ssh import BannerWatch, CommandResult, KeyPair, SshClient, generate_keypair
+from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.devices import janitor
+from pytest_flightctl_device.devices.accel import TCG_TIMEOUT_FACTOR, Accelerator, Choice, watch_kernel
+from pytest_flightctl_device.devices.agent import AgentConfig, redact
+from pytest_flightctl_device.devices.console import CLOUD_INIT_ERROR, NO_BOOT_DEVICE, PANIC, ConsoleLog
+from pytest_flightctl_device.devices.domain import METADATA_KEY, METADATA_NS, DomainSpec, owner_metadata, render
+from pytest_flightctl_device.devices.ports import port_reservation
+from pytest_flightctl_device.devices.seed import (
+    SeedSpec,
+    new_instance_id,
+    ready_marker,
+    redacted_user_data,
+    write_seed_iso,
+)
+from pytest_flightctl_device.devices.slots import Slot, VMSlots, default_max_vms
+from pytest_flightctl_device.devices.ssh import BannerWatch, CommandResult, KeyPair, SshClient, generate_keypair
+from pytest_flightctl_device.errors import BootError, ConfigError, DeviceError, MissingToolError
+from pytest_flightctl_device.settings import VARIANTS, Settings
 
 POLL_S = 0.2
 SLOT_WAIT_S = 3600.0  # a queued boot waits this long for a free VM slot (--device-max-vms)

@@ -26,11 +26,11 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from ..cache import Cache
-from ..errors import ArtifactError
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.errors import ArtifactError
 
 if TYPE_CHECKING:
-    from ..progress import Meter
+    from pytest_flightctl_device.core.progress import Meter
 
 CHUNK = 1 << 20
 MeterFactory = Callable[[str, "int | None"], "Meter"]

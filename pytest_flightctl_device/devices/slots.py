@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import BootError
+from pytest_flightctl_device.errors import BootError
 
 # Left for the host, qemu's own overhead per guest, and the slot wait's polling interval.
 HOST_RESERVE_MIB = 1024

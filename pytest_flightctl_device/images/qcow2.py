@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, PodmanError
-from .podman import Podman, Progress
-from .settings import Settings
+from pytest_flightctl_device.errors import ConfigError, PodmanError
+from pytest_flightctl_device.images.podman import Podman, Progress
+from pytest_flightctl_device.settings import Settings
 
 TAIL_LINES = 25
 ROOTFS = "xfs"

@@ -16,8 +16,8 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from ..errors import ArtifactError
-from .http import write_all
+from pytest_flightctl_device.artifacts.sources.http import write_all
+from pytest_flightctl_device.errors import ArtifactError
 
 CHUNK = 1 << 20
 MAX_NAMES_SHOWN = 5

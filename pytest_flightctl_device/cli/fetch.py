@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .artifacts import Artifacts
-from .cache import Cache
-from .errors import ConfigError
-from .progress import human_bytes
-from .settings import Settings
+from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.artifacts.session import Artifacts
+from pytest_flightctl_device.core.progress import human_bytes
+from pytest_flightctl_device.errors import ConfigError
+from pytest_flightctl_device.settings import Settings
 
 
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

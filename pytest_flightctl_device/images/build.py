@@ -23,9 +23,9 @@ from typing import IO
 
 import requests
 
-from .errors import ConfigError, PodmanError
-from .podman import Podman, Progress
-from .settings import Settings
+from pytest_flightctl_device.errors import ConfigError, PodmanError
+from pytest_flightctl_device.images.podman import Podman, Progress
+from pytest_flightctl_device.settings import Settings
 
 TAIL_LINES = 25
 # Errors podman 4.3 reports when another process removes images while a build checks its cache.
@@ -38,7 +38,7 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}")
 
 def default_containerfiles() -> Path:
     """containerfiles/ of the checkout this package runs from."""
-    return Path(__file__).resolve().parent.parent / "containerfiles"
+    return Path(__file__).resolve().parents[2] / "containerfiles"
 
 
 def _git(args: Sequence[str], cwd: Path) -> str | None:
