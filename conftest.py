@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import missing
+from tests.support.helpers import missing
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.github_emulator import TOKEN, GitHubEmulator  # noqa: E402
+from tests.support.github_emulator import TOKEN, GitHubEmulator  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from pytest_flightctl_device.images import build, podman  # noqa: E402
 from pytest_flightctl_device.settings import Settings  # noqa: E402
-from tests.images.stand_ins import TEST_CONTAINERFILES, busybox_rootfs_tar, import_image  # noqa: E402
+from tests.support.images.stand_ins import TEST_CONTAINERFILES, busybox_rootfs_tar, import_image  # noqa: E402
 
 REPO = "localhost/pftd-bench"
 BIG = f"{REPO}/big:base-1gib"  # <repo>:<variant>-<tag>, as load_bundle expects

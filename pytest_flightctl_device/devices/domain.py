@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.core.liveness import Owner
 
 METADATA_NS = "https://github.com/flightctl/pytest-flightctl-device/owner/1"
 METADATA_KEY = "fcdev"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices.domain import METADATA_NS
 
 PREFIX = "fcdev-"

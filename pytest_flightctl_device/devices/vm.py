@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.accel import TCG_TIMEOUT_FACTOR, Accelerator, Choice, watch_kernel
 from pytest_flightctl_device.devices.agent import AgentConfig, redact

@@ -31,7 +31,7 @@ from filelock import FileLock
 
 from pytest_flightctl_device.core.formats import ManifestEntry as ManifestEntry  # re-exported: podman.ManifestEntry
 from pytest_flightctl_device.core.formats import read_manifest as read_manifest  # re-exported: podman.read_manifest
-from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.errors import ArtifactError, MissingToolError, PodmanError
 from pytest_flightctl_device.settings import Settings
 

@@ -15,7 +15,7 @@ from pytest_flightctl_device.devices.agent import AgentConfig
 from pytest_flightctl_device.devices.vm import DeviceVMFactory
 from pytest_flightctl_device.errors import MissingToolError
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import missing
+from tests.support.helpers import missing
 
 FactoryMaker = Callable[..., DeviceVMFactory]
 

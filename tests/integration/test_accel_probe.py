@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pytest_flightctl_device.devices.accel import kvm_device_usable
 from pytest_flightctl_device.errors import BootError
-from tests.helpers import missing
 from tests.integration.conftest import FactoryMaker
+from tests.support.helpers import missing
 
 
 def test_auto_probes_once_and_remembers(make_factory: FactoryMaker, tiny_guest: Path, tmp_path: Path) -> None:

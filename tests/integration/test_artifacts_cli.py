@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_tool
-from tests.integration.github_emulator import TOKEN, GitHubEmulator
 from tests.integration.test_artifacts_github import make_bundle
+from tests.support.github_emulator import TOKEN, GitHubEmulator
+from tests.support.helpers import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

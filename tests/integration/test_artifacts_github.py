@@ -20,8 +20,7 @@ import pytest
 from pytest_flightctl_device.artifacts.session import Artifacts
 from pytest_flightctl_device.errors import ArtifactError, GitHubError
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import require_tool
-from tests.integration.github_emulator import (
+from tests.support.github_emulator import (
     TOKEN,
     EmuArtifact,
     EmuRun,
@@ -29,6 +28,7 @@ from tests.integration.github_emulator import (
     GitHubEmulator,
     make_artifact_zip,
 )
+from tests.support.helpers import require_tool
 
 pytest_plugins = ["pytester"]
 SHA = "a" * 40

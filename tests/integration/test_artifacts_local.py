@@ -13,7 +13,7 @@ import pytest
 from pytest_flightctl_device.artifacts.session import Artifacts
 from pytest_flightctl_device.errors import ConfigError
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import require_tool
+from tests.support.helpers import require_tool
 
 pytest_plugins = ["pytester"]
 

@@ -38,11 +38,9 @@ from pytest_flightctl_device.devices.vm import open_libvirt
 from pytest_flightctl_device.errors import MissingToolError
 from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import VARIANTS, Settings
-from tests.helpers import missing, require_tool
-from tests.images.stand_ins import busybox_rootfs_tar, import_image, podman_conn, remove_images, test_repo
-from tests.integration import chaos_inner
-from tests.integration.chaos_http import SlowFileServer
-from tests.integration.chaos_watch import (
+from tests.support import chaos_inner
+from tests.support.chaos_http import SlowFileServer
+from tests.support.chaos_watch import (
     active_domains,
     domain_running,
     qemu_processes,
@@ -50,7 +48,9 @@ from tests.integration.chaos_watch import (
     tagged_processes,
     wait_until,
 )
-from tests.integration.github_emulator import TOKEN, GitHubEmulator
+from tests.support.github_emulator import TOKEN, GitHubEmulator
+from tests.support.helpers import missing, require_tool
+from tests.support.images.stand_ins import busybox_rootfs_tar, import_image, podman_conn, remove_images, test_repo
 
 __all__ = ["podman_conn", "test_repo"]  # session fixtures used below
 

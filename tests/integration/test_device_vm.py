@@ -14,8 +14,8 @@ import pytest
 from pytest_flightctl_device.devices.seed import ready_marker
 from pytest_flightctl_device.devices.vm import DeviceVM, DeviceVMFactory, open_libvirt
 from pytest_flightctl_device.errors import BootError, ConfigError, GuestCommandError, MissingToolError
-from tests.helpers import HELLO, hello_server
 from tests.integration.conftest import FactoryMaker
+from tests.support.helpers import HELLO, hello_server
 
 
 @pytest.fixture

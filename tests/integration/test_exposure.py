@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pytest_flightctl_device.devices.agent import load_agent_config
-from tests.helpers import missing, require_tool
-from tests.integration.github_emulator import GitHubEmulator
+from tests.support.github_emulator import GitHubEmulator
+from tests.support.helpers import missing, require_tool
 
 pytest_plugins = ["pytester"]
 

@@ -13,7 +13,7 @@ import pytest
 from pytest_flightctl_device.errors import ArtifactError, ConfigError, PodmanError
 from pytest_flightctl_device.images import build, podman
 from pytest_flightctl_device.settings import Settings
-from tests.images.stand_ins import (
+from tests.support.images.stand_ins import (
     TEST_CONTAINERFILES,
     busybox_base,
     podman_conn,

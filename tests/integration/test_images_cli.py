@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pytest_flightctl_device.images import podman
-from tests.images.stand_ins import (
+from tests.support.images.stand_ins import (
     TEST_CONTAINERFILES,
     bib_stand_in,
     busybox_base,

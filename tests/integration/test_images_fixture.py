@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_flightctl_device.images import podman
-from tests.images.stand_ins import (
+from tests.support.images.stand_ins import (
     TEST_CONTAINERFILES,
     bib_stand_in,
     busybox_base,

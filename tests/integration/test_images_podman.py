@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import require_tool
+from tests.support.helpers import require_tool
 
 
 def _alive(pid: int) -> bool:

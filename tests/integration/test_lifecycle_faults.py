@@ -11,7 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.vm import DeviceVMFactory, open_libvirt
 from pytest_flightctl_device.settings import Settings

@@ -26,8 +26,8 @@ import pytest
 from pytest_flightctl_device.devices.vm import open_libvirt
 from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import missing
-from tests.images.stand_ins import busybox_rootfs_tar, import_image, podman_conn, remove_images, test_repo
+from tests.support.helpers import missing
+from tests.support.images.stand_ins import busybox_rootfs_tar, import_image, podman_conn, remove_images, test_repo
 
 __all__ = ["podman_conn", "test_repo"]  # session fixtures used below
 

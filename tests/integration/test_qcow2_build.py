@@ -1,4 +1,4 @@
-"""qcow2 through the FAKE bootc-image-builder image (tests/images/bib): invocation, output, cache."""
+"""qcow2 through the FAKE bootc-image-builder image (tests/support/images/bib): invocation, output, cache."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pytest_flightctl_device.artifacts.sources.build import qcow2_of
 from pytest_flightctl_device.errors import PodmanError
 from pytest_flightctl_device.images import podman, qcow2
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import require_tool
-from tests.images.stand_ins import bib_stand_in, busybox_base, podman_conn, test_repo
+from tests.support.helpers import require_tool
+from tests.support.images.stand_ins import bib_stand_in, busybox_base, podman_conn, test_repo
 
 __all__ = ["bib_stand_in", "busybox_base", "podman_conn", "test_repo"]  # session fixtures used below
 

@@ -28,7 +28,7 @@ from pytest_flightctl_device.devices.seed import (
     render_user_data,
     write_seed_iso,
 )
-from tests.helpers import missing, require_tool
+from tests.support.helpers import missing, require_tool
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDtqJ7zOtqQtYqOo0CpvDXNlMhV3HeJDpjrASKGLWdop fcdev"
 MAC = "52:54:00:12:34:56"  # all digits: would be a base-60 integer if the renderer lost the quotes

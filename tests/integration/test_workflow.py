@@ -13,7 +13,7 @@ import yaml
 
 from pytest_flightctl_device.cli import build_parser
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import missing, require_tool
+from tests.support.helpers import missing, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "pr-build-artifacts.yaml"

@@ -16,7 +16,7 @@ import pytest
 
 from pytest_flightctl_device.artifacts.cache import Cache
 from pytest_flightctl_device.errors import ArtifactError
-from tests.helpers import require_tool
+from tests.support.helpers import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,5 @@
 """Static checks of containerfiles/ (the real bootc ones cannot be built here) and of the test
-stand-ins under tests/images/containerfiles, which must keep the same structure."""
+stand-ins under tests/support/images/containerfiles, which must keep the same structure."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 from pytest_flightctl_device.images.build import default_containerfiles
 
 REAL = default_containerfiles()
-TEST = Path(__file__).resolve().parents[1] / "images" / "containerfiles"
+TEST = Path(__file__).resolve().parents[1] / "support" / "images" / "containerfiles"
 VARIANTS = ("base", "v2", "v3", "v4")
 GIT_ARGS = ("SOURCE_GIT_TAG", "SOURCE_GIT_TREE_STATE", "SOURCE_GIT_COMMIT")
 

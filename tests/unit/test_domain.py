@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pytest_flightctl_device.core.owner import Owner
+from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices.domain import METADATA_NS, DomainSpec, owner_metadata, render
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"

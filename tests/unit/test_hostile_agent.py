@@ -31,7 +31,7 @@ from pytest_flightctl_device.devices.agent import (
     load_agent_config,
 )
 from pytest_flightctl_device.errors import AgentConfigError, DeviceError
-from tests.unit.hostile_support import BOUNDED, clear_error, jail
+from tests.support.hostile import BOUNDED, clear_error, jail
 
 NOW = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC)
 SERVER = "https://api.example.test:7443"

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pytest_flightctl_device.artifacts.cache import bundle_tags
 from pytest_flightctl_device.core.formats import MANIFEST_MAX_BYTES, ManifestEntry, read_manifest
 from pytest_flightctl_device.errors import ArtifactError, DeviceError
-from tests.unit.hostile_support import BOUNDED, clear_error, jail
+from tests.support.hostile import BOUNDED, clear_error, jail
 
 HEX = "0123456789abcdef" * 4
 IDS = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)

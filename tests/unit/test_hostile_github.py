@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from pytest_flightctl_device.artifacts.cache import Cache
 from pytest_flightctl_device.artifacts.sources.github import Artifact, GitHubClient, GitHubSource
 from pytest_flightctl_device.errors import ArtifactError, DeviceError, GitHubError
-from tests.unit.hostile_support import BOUNDED, clear_error, jail
+from tests.support.hostile import BOUNDED, clear_error, jail
 
 TOKEN = "ghp_HostileTestToken_0123456789abcdefABCDEF"
 REPO = "o/r"

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from pytest_flightctl_device.artifacts.sources.zipmember import extract_single
 from pytest_flightctl_device.errors import ArtifactError, DeviceError
-from tests.unit.hostile_support import BOUNDED, clear_error, jail, tree
+from tests.support.hostile import BOUNDED, clear_error, jail, tree
 
 TRAVERSAL = [".", "./", "./a:b", "x//..", "../x.tar", "a/../../x", "/etc/passwd", "/abs/x", "C:/x", "C:x",
              "..\\x", "a\\..\\..\\x", "..", "./../x", "a/b/../../../x", "\\\\server\\share\\x"]

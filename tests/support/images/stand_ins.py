@@ -2,7 +2,7 @@
 
 - A base image: `podman import` (the API's /images/import) of a busybox-static rootfs, standing in
   for the bootc base that lives in a registry.
-- A FAKE bootc-image-builder image (tests/images/bib): that base plus qemu-img and its libraries
+- A FAKE bootc-image-builder image (tests/support/images/bib): that base plus qemu-img and its libraries
   and a script honouring bib's command-line contract; it writes a real qcow2.
 Every image gets a per-session name under localhost/pftd-test-<id>/ and is removed by that name.
 """
@@ -23,7 +23,7 @@ import pytest
 from pytest_flightctl_device.errors import MissingToolError
 from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
-from tests.helpers import missing, require_tool
+from tests.support.helpers import missing, require_tool
 
 HERE = Path(__file__).resolve().parent
 TEST_CONTAINERFILES = HERE / "containerfiles"

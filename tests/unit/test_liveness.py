@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from pytest_flightctl_device.core.owner import Owner, _start_ticks
+from pytest_flightctl_device.core.liveness import Owner, start_ticks
 
 
 def test_current_process_is_alive() -> None:
@@ -13,7 +13,7 @@ def test_current_process_is_alive() -> None:
 
 def test_dead_and_reused_pids() -> None:
     proc = subprocess.Popen(["sleep", "30"])
-    owner = Owner(proc.pid, _start_ticks(proc.pid) or -1)
+    owner = Owner(proc.pid, start_ticks(proc.pid) or -1)
     assert owner.alive()
     assert not Owner(proc.pid, owner.start + 1).alive()  # same pid, other process
     proc.kill()
