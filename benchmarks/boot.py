@@ -8,7 +8,8 @@
 
 The contenders are interleaved round by round (the order rotates each round) after one warm-up
 boot each, so drifting host load hits all of them alike. Targets: plugin overhead over raw qemu
-<= 0.3 s; plugin time-to-ready <= 0.7x testcloud's. Everything started is removed at the end.
+<= 0.3 s; plugin time-to-ready <= 0.7x testcloud's. Everything started is removed at the end. A
+contender that cannot be set up, or whose boots fail, is reported with its error; the others run.
 
     .venv/bin/python benchmarks/boot.py [--rounds 5] [--guest tiny|debian]
 """
@@ -72,6 +73,22 @@ def _run(contender: Contender) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
+def _set_up(name: str, make: Any, failures: dict[str, str]) -> Any:
+    """The contender `make()` builds, or None with its error kept for the report."""
+    try:
+        return make()
+    except Exception as exc:  # e.g. testcloud without genisoimage: report it, boot the others
+        failures[name] = f"{type(exc).__name__}: {exc}"[:2000]
+        return None
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def _versions() -> dict[str, str]:
     qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False)
     libvirt_version = ""
@@ -81,7 +98,7 @@ def _versions() -> dict[str, str]:
         number = libvirt.getVersion()
         libvirt_version = f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
     return {"qemu": qemu.stdout.splitlines()[0] if qemu.stdout else "", "libvirt": libvirt_version,
-            "testcloud": importlib.metadata.version("testcloud"), "python": sys.version.split()[0]}
+            "testcloud": _version("testcloud"), "python": sys.version.split()[0]}
 
 
 def _our_domains(prefixes: list[str]) -> list[tuple[str, str]]:
@@ -112,8 +129,12 @@ def _leftovers(scratch: Path, prefixes: list[str]) -> dict[str, Any]:
             "child_processes": [c.strip() for c in children if c.strip() and " ps -o" not in c]}
 
 
-def _prefetch_report(samples: list[float], results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    testcloud = statistics.median(r["ready_s"] for r in results["testcloud"]) if results["testcloud"] else None
+def _prefetch_report(samples: list[float] | dict[str, str],
+                     results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    if isinstance(samples, dict) or not samples:  # the measurement failed: say why
+        return {"error": samples.get("error", "no sample") if isinstance(samples, dict) else "no sample"}
+    ready = [r["ready_s"] for r in results["testcloud"] if "ready_s" in r]
+    testcloud = statistics.median(ready) if ready else None
     median = statistics.median(samples)
     return {
         "definition": "--device-prefetch: DeviceVMFactory.create() when the previous test lasted at least one "
@@ -141,12 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     warmup: dict[str, dict[str, Any]] = {}
     orders: list[list[str]] = []
     prefixes = ["fcbench-tc-"]
+    failures: dict[str, str] = {}
+    prefetch: list[float] | dict[str, str] = {"error": "not measured"}
     try:
-        plugin = PluginContender(base, agent, workdir=scratch / "plugin", **common)
-        prefixes.append(plugin.domain_prefix)
-        raw = RawContender(base, keypair, agent.files, scratch=scratch, **common)
-        testcloud = TestcloudContender(base, keypair, agent.files, scratch=scratch, **common)
-        contenders: list[Contender] = [plugin, raw, testcloud]
+        plugin = _set_up("plugin", lambda: PluginContender(base, agent, workdir=scratch / "plugin", **common),
+                         failures)
+        if plugin is not None:
+            prefixes.append(plugin.domain_prefix)
+        raw = _set_up("raw_qemu", lambda: RawContender(base, keypair, agent.files, scratch=scratch, **common),
+                      failures)
+        testcloud = _set_up("testcloud", lambda: TestcloudContender(base, keypair, agent.files, scratch=scratch,
+                                                                    **common), failures)
+        contenders: list[Contender] = [c for c in (plugin, raw, testcloud) if c is not None]
+        if not contenders:
+            raise SystemExit(f"no contender could be set up: {json.dumps(failures)}")
         if not args.no_warmup:
             for contender in contenders:
                 warmup[contender.name] = _run(contender)
@@ -156,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             orders.append([c.name for c in order])
             for contender in order:
                 results[contender.name].append(_run(contender))
-        prefetch = measure_prefetch(base, agent, workdir=scratch / "prefetch", rounds=args.rounds, **common)
+        try:
+            prefetch = measure_prefetch(base, agent, workdir=scratch / "prefetch", rounds=args.rounds, **common)
+        except Exception as exc:
+            prefetch = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     finally:
         if plugin is not None:
             plugin.close()
@@ -201,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "testcloud_network": testcloud.network if testcloud is not None else {},
         "warmup": warmup,
-        **make_report(results),
+        **make_report(results, failures),
         "plugin_prefetch": _prefetch_report(prefetch, results),
         "cleanup": _leftovers(scratch, prefixes),
     }

@@ -52,8 +52,12 @@ def split(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                           "tail": [round(x, 3) for x in tail]}}
 
 
-def _block(rounds: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {**summary(_ok(rounds)), **extra,
+def _block(rounds: list[dict[str, Any]], setup_error: str | None = None, **extra: Any) -> dict[str, Any]:
+    errors = [s["error"] for s in rounds if "error" in s]
+    failed = {"setup_error": setup_error} if setup_error else {}
+    if errors:
+        failed |= {"failed_rounds": len(errors), "errors": sorted(set(errors))}
+    return {**summary(_ok(rounds)), **failed, **extra,
             "qemu_cpu_to_ready": summary(_ok(rounds, "qemu_cpu_s")),
             "console_median_s": phase_medians([s["console"] for s in rounds if "console" in s]),
             "console_qemu_cpu_median_s": phase_medians(
@@ -63,13 +67,16 @@ def _block(rounds: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             "rounds": rounds}
 
 
-def report(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def report(results: dict[str, list[dict[str, Any]]], failures: dict[str, str] | None = None) -> dict[str, Any]:
+    """`failures`: contenders that could not be set up, and why (they have no rounds)."""
+    failures = failures or {}
     plugin, raw, tc = results["plugin"], results["raw_qemu"], results["testcloud"]
     plugin_s, raw_s, tc_s = _ok(plugin), _ok(raw), _ok(tc)
     out: dict[str, Any] = {
-        "plugin": _block(plugin, phases_median_s=phase_medians([s["phases"] for s in plugin if "phases" in s])),
-        "raw_qemu": _block(raw),
-        "testcloud": _block(tc, then_ssh_true=summary(_ok(tc, "then_ssh_true_s")),
+        "plugin": _block(plugin, failures.get("plugin"),
+                         phases_median_s=phase_medians([s["phases"] for s in plugin if "phases" in s])),
+        "raw_qemu": _block(raw, failures.get("raw_qemu")),
+        "testcloud": _block(tc, failures.get("testcloud"), then_ssh_true=summary(_ok(tc, "then_ssh_true_s")),
                             phases_median_s=phase_medians([s["phases"] for s in tc if "phases" in s])),
     }
     targets: dict[str, Any] = {}
