@@ -15,7 +15,7 @@ MeterFactory = Callable[[str, "int | None"], "Meter"]
 
 def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
+        if abs(count) < (1023.5 if unit == "B" else 1023.95) or unit == "GiB":  # "1024.0 KiB" is "1.0 MiB"
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
