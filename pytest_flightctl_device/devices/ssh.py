@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytest_flightctl_device.errors import GuestCommandError, MissingToolError
 
 # A unix socket path must fit in sun_path (108 bytes on Linux, with room for ssh's suffix).
-_MAX_SOCKET_PATH = 100
+_MAX_SOCKET_PATH = 90  # ssh first listens on PATH.XXXXXXXXXXXXXXXX: 90 + 17 + NUL = 108
 
 
 @dataclass(frozen=True)
