@@ -8,8 +8,10 @@ the account's home: the user's real `~/.ssh` is never read or written, and stopp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import time
@@ -65,11 +67,25 @@ def ssh_server(workdir: Path) -> Iterator[SshServer]:
         _wait_for_banner(port, proc, workdir / "dropbear.log")
         yield SshServer(port=port, user=account.pw_name, key=key, home=Path(account.pw_dir))
     finally:
-        # unshare ignores SIGTERM while it waits; SIGKILL reaches dropbear through --kill-child, and
-        # the end of the namespace's first process ends every session in it.
+        _stop(proc)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End dropbear, the namespace's first process (which ends every session in it), then unshare.
+
+    unshare ignores SIGTERM while it waits, and killed first it would leave dropbear to die by
+    --kill-child as an orphan zombie; so its child goes first and unshare reaps it."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    with contextlib.suppress(OSError):
+        for pid in children.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        log.close()
 
 
 def _wait_for_banner(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
