@@ -8,6 +8,7 @@ The wrappers only read a clock; they are removed after every round.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -85,7 +86,8 @@ class PluginContender:
 
     def __init__(self, base: Path, agent: AgentConfig, *, memory_mib: int, vcpus: int, workdir: Path,
                  timeout: float) -> None:
-        settings = Settings().replace(
+        settings = dataclasses.replace(
+            Settings(),
             network="isolated", accel="tcg", memory_mib=memory_mib, vcpus=vcpus, workdir=workdir,
             cache_dir=workdir / "cache", libvirt_uri=default_libvirt_uri(), boot_timeout=timeout / 4)
         self.run_id = secrets.token_hex(4)
@@ -140,7 +142,8 @@ def measure_prefetch(base: Path, agent: AgentConfig, *, memory_mib: int, vcpus: 
     """--device-prefetch: request-to-ready when the previous test lasted long enough for the spare to
     boot. Measured on its own, after the interleaved rounds, so the background boot never competes
     with another contender's round."""
-    settings = Settings().replace(
+    settings = dataclasses.replace(
+        Settings(),
         network="isolated", accel="tcg", memory_mib=memory_mib, vcpus=vcpus, workdir=workdir,
         cache_dir=workdir / "cache", libvirt_uri=default_libvirt_uri(), boot_timeout=timeout / 4,
         prefetch=True, max_vms=2)

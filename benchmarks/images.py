@@ -12,6 +12,7 @@ at the end. Needs podman (and CONTAINERS_CONF on hosts that need one, as in CI).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -98,8 +99,8 @@ def main() -> None:
         assert not any(w["loaded"] for w in warm)
 
         nonce = uuid.uuid4().hex[:8]
-        seq_settings = Settings().replace(containerfiles=TEST_CONTAINERFILES, base_image=base,
-                                          image_repo=f"{REPO}/device", image_tag=f"seq-{nonce}")
+        seq_settings = dataclasses.replace(Settings(), containerfiles=TEST_CONTAINERFILES, base_image=base,
+                                           image_repo=f"{REPO}/device", image_tag=f"seq-{nonce}")
         plan = build.plan(seq_settings)
         plan = build.BuildPlan(**{**plan.__dict__, "build_args": {
             **plan.build_args, "STEP_SLEEP": STEP_SLEEP, "STEP_NONCE": f"seq-{nonce}"}})

@@ -14,6 +14,7 @@ Usage: .venv/bin/python benchmarks/soak.py [--boots 5]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -124,8 +125,8 @@ def main() -> None:
     timed(vm_module.DeviceVM, "_check_cloud_init", "cloud_init_ssh")
     timed(SshClient, "close", "ssh_close")
     timed(vm_module.DeviceVM, "_destroy_domain", "destroy")
-    settings = Settings.resolve({}, os.environ, {}).replace(network="isolated", memory_mib=256, vcpus=1,
-                                                              boot_timeout=60.0)
+    settings = dataclasses.replace(Settings.resolve({}, os.environ, {}), network="isolated", memory_mib=256,
+                                   vcpus=1, boot_timeout=60.0)
     factory = vm_module.DeviceVMFactory(settings, base_image=build_guest("tiny"), agent=throwaway_agent_config(),
                                         run_id=secrets.token_hex(4), worker="bench")
     factory.check()

@@ -17,14 +17,8 @@ _T = TypeVar("_T")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flightctl-device", "flightctl device VMs and artifacts")
-    for knob in KNOBS:
-        if knob.flag:
-            group.addoption(knob.cli, action="store_true", default=None, help=knob.help)
-        elif knob.multi:
-            group.addoption(knob.cli, action="append", default=None, metavar=knob.metavar,
-                            help=knob.help)
-        else:
-            group.addoption(knob.cli, default=None, metavar=knob.metavar, help=knob.help)
+    for knob in KNOBS:  # the same registration as every flightctl-device subcommand's (cli/options)
+        group.addoption(knob.cli, help=knob.help_text(), **knob.option_kwargs())
         parser.addini(knob.ini, help=f"{knob.help} (same as {knob.cli})", default=None)
 
 
@@ -33,6 +27,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "device(variant=..., memory_mib=..., vcpus=...): the device VM this test gets.",
     )
+    # Collect the raw values only: Settings.resolve is the one path, shared with flightctl-device.
     cli = {knob.attr: config.getoption(knob.cli) for knob in KNOBS}
     ini = {knob.attr: config.getini(knob.ini) for knob in KNOBS}
     try:
@@ -72,7 +67,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if settings.accel == "auto":
         from pytest_flightctl_device.devices.accel import Accelerator
 
-        verdict = Accelerator("auto", settings.cache_dir / "accel.json").remembered()
+        verdict = Accelerator("auto", settings.accel_file).remembered()
         if verdict is not None:
             lines.append(f"flightctl-device: KVM {'works' if verdict.get('kvm') else 'does not work'} "
                          f"here (probed {verdict.get('checked')}); "
@@ -174,7 +169,7 @@ def agent_images(request: pytest.FixtureRequest,
 
     def load() -> LoadedImages:
         conn = podman.shared(settings)
-        return podman.load_bundle(conn, agent_images_bundle, settings, settings.cache_dir / "locks",
+        return podman.load_bundle(conn, agent_images_bundle, settings, settings.locks_dir,
                                   progress)
 
     yield _guarded(settings, load)

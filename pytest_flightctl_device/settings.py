@@ -1,7 +1,10 @@
-"""One frozen Settings object, resolved once: CLI option > env var > ini key > default.
+"""One frozen Settings object, resolved once: command-line option > env var > ini key > default.
 
 Every knob is declared once in KNOBS; the pytest options, the env vars, the ini keys, the
-README table and the CLI all derive from that list, so they cannot drift apart.
+Settings defaults, the README table and the flightctl-device options all derive from that list,
+so they cannot drift apart. Both fronts (plugin.py and cli/) only collect raw values and call
+Settings.resolve(). Messages name a knob as `--device-NAME` (the pytest spelling); the CLI
+renders that as the flag its subcommand registered (cli/options.render).
 """
 
 from __future__ import annotations
@@ -9,12 +12,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from pytest_flightctl_device.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pytest_flightctl_device.artifacts.cache import Cache
 
 ENV_PREFIX = "FLIGHTCTL_DEVICE_"
 VARIANTS = ("base", "v2", "v3", "v4")
@@ -191,6 +197,24 @@ class Knob:
     def default_value(self) -> Any:
         return self.default() if callable(self.default) else self.default
 
+    def help_text(self) -> str:
+        """The help line, with the default when there is one worth saying."""
+        default = self.default_text or ("" if self.flag or self.default is None or callable(self.default)
+                                        else _shown(self.default))
+        return f"{self.help.removesuffix('.')} (default {default})." if default else self.help
+
+    def option_kwargs(self) -> dict[str, Any]:
+        """argparse keywords for this knob's option: unset stays None, so env, ini and default apply."""
+        if self.flag:
+            return {"action": "store_true", "default": None}
+        if self.multi:
+            return {"action": "append", "default": None, "metavar": self.metavar}
+        return {"default": None, "metavar": self.metavar}
+
+
+def _shown(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
 
 KNOBS: tuple[Knob, ...] = (
     # -- the device VM -----------------------------------------------------------------------
@@ -281,52 +305,57 @@ KNOBS: tuple[Knob, ...] = (
 _BY_ATTR = {knob.attr: knob for knob in KNOBS}
 
 
+def _default(attr: str) -> Callable[[], Any]:
+    """The default factory of a Settings field: the knob's own default, so Settings() == resolve({}, {}, {})."""
+    return _BY_ATTR[attr].default_value
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Resolved settings; build with Settings.resolve()."""
+    """Resolved settings; build with Settings.resolve(), change with dataclasses.replace()."""
 
-    qcow2: str | None = None
-    agent_config: Path | None = None
-    agent_certs: Path | None = None
-    enrollment_server: str | None = None
-    accel: str = "auto"
-    libvirt_uri: str = "qemu:///system"
-    memory_mib: int = 2048
-    vcpus: int = 2
-    boot_timeout: float = 180.0
-    keep_vm: bool = False
-    workdir: Path = Path("/var/tmp/pytest-flightctl-device")
-    require: bool = False
-    network: str = "user"
-    host_forward: tuple[int, ...] = ()
-    firmware: str = "bios"
-    prefetch: bool = False
-    max_vms: int | None = None
-    bundle: str | None = None
-    bundle_sha256: str | None = None
-    qcow2_sha256: str | None = None
-    github_run: int | None = None
-    github_pr: int | None = None
-    github_ref: str | None = None
-    github_repo: str = "flightctl/flightctl"
-    github_workflow: str = "pr-build-artifacts.yaml"
-    github_api_url: str = "https://api.github.com"
-    bundle_artifact: str = "agent-images-bundle"
-    qcow2_artifact: str = "agent-qcow2-image"
-    cache_dir: Path = Path("~/.cache/pytest-flightctl-device")
-    cache_max_gb: float | None = None
-    build: bool = False
-    build_jobs: int = 4
-    containerfiles: Path | None = None
-    rpms: Path | None = None
-    base_image: str = "quay.io/centos-bootc/centos-bootc:stream9"
-    image_repo: str = "quay.io/flightctl/flightctl-device"
-    image_tag: str | None = None
-    variants: tuple[str, ...] = VARIANTS
-    podman_url: str | None = None
-    bib_image: str = "quay.io/centos-bootc/bootc-image-builder:latest"
-    bib_config: Path | None = None
-    bib_timeout: float = 3600.0
+    qcow2: str | None = field(default_factory=_default("qcow2"))
+    agent_config: Path | None = field(default_factory=_default("agent_config"))
+    agent_certs: Path | None = field(default_factory=_default("agent_certs"))
+    enrollment_server: str | None = field(default_factory=_default("enrollment_server"))
+    accel: str = field(default_factory=_default("accel"))
+    libvirt_uri: str = field(default_factory=_default("libvirt_uri"))
+    memory_mib: int = field(default_factory=_default("memory_mib"))
+    vcpus: int = field(default_factory=_default("vcpus"))
+    boot_timeout: float = field(default_factory=_default("boot_timeout"))
+    keep_vm: bool = field(default_factory=_default("keep_vm"))
+    workdir: Path = field(default_factory=_default("workdir"))
+    require: bool = field(default_factory=_default("require"))
+    network: str = field(default_factory=_default("network"))
+    host_forward: tuple[int, ...] = field(default_factory=_default("host_forward"))
+    firmware: str = field(default_factory=_default("firmware"))
+    prefetch: bool = field(default_factory=_default("prefetch"))
+    max_vms: int | None = field(default_factory=_default("max_vms"))
+    bundle: str | None = field(default_factory=_default("bundle"))
+    bundle_sha256: str | None = field(default_factory=_default("bundle_sha256"))
+    qcow2_sha256: str | None = field(default_factory=_default("qcow2_sha256"))
+    github_run: int | None = field(default_factory=_default("github_run"))
+    github_pr: int | None = field(default_factory=_default("github_pr"))
+    github_ref: str | None = field(default_factory=_default("github_ref"))
+    github_repo: str = field(default_factory=_default("github_repo"))
+    github_workflow: str = field(default_factory=_default("github_workflow"))
+    github_api_url: str = field(default_factory=_default("github_api_url"))
+    bundle_artifact: str = field(default_factory=_default("bundle_artifact"))
+    qcow2_artifact: str = field(default_factory=_default("qcow2_artifact"))
+    cache_dir: Path = field(default_factory=_default("cache_dir"))
+    cache_max_gb: float | None = field(default_factory=_default("cache_max_gb"))
+    build: bool = field(default_factory=_default("build"))
+    build_jobs: int = field(default_factory=_default("build_jobs"))
+    containerfiles: Path | None = field(default_factory=_default("containerfiles"))
+    rpms: Path | None = field(default_factory=_default("rpms"))
+    base_image: str = field(default_factory=_default("base_image"))
+    image_repo: str = field(default_factory=_default("image_repo"))
+    image_tag: str | None = field(default_factory=_default("image_tag"))
+    variants: tuple[str, ...] = field(default_factory=_default("variants"))
+    podman_url: str | None = field(default_factory=_default("podman_url"))
+    bib_image: str = field(default_factory=_default("bib_image"))
+    bib_config: Path | None = field(default_factory=_default("bib_config"))
+    bib_timeout: float = field(default_factory=_default("bib_timeout"))
 
     @classmethod
     def resolve(
@@ -363,16 +392,32 @@ class Settings:
         if len(github) > 1:
             names = " and ".join(knob(k).cli for k in github)
             raise ConfigError(f"{names} were both given; pick one GitHub source.")
-        if self.build and (github or self.bundle or self.qcow2):
+        downloads = [k for k in ("bundle", "qcow2", *github) if getattr(self, k) is not None]
+        if self.build and downloads:
+            names = " and ".join(knob(k).cli for k in downloads)
             raise ConfigError(
-                "--device-build was given together with a download source; "
-                "drop --device-build or the --device-bundle/--device-qcow2/--device-github-* option."
+                f"--device-build was given together with a download source; "
+                f"drop --device-build or {names}."
             )
 
-    def replace(self, **changes: Any) -> Settings:
-        current = {f.name: getattr(self, f.name) for f in fields(self)}
-        current.update(changes)
-        return type(self)(**current)
+    # -- paths derived from the settings: built here only -------------------------------------
+
+    def cache(self) -> Cache:
+        """The artifact cache under cache_dir, pruned to cache_max_gb when that is set."""
+        from pytest_flightctl_device.artifacts.cache import Cache
+
+        max_gb = self.cache_max_gb
+        return Cache(self.cache_dir, max_bytes=int(max_gb * 1e9) if max_gb else None)
+
+    @property
+    def locks_dir(self) -> Path:
+        """Cross-process locks (image loads and builds) beside the cache's own."""
+        return self.cache().locks
+
+    @property
+    def accel_file(self) -> Path:
+        """The remembered KVM verdict, shared by every run on this host that shares the cache."""
+        return self.cache_dir / "accel.json"
 
 
 def _source_text(knob: Knob, source: str) -> str:

@@ -50,9 +50,7 @@ class Artifacts:
     @property
     def cache(self) -> Cache:
         if self._cache is None:
-            max_gb = self.settings.cache_max_gb
-            self._cache = Cache(Path(self.settings.cache_dir),
-                                max_bytes=int(max_gb * 1e9) if max_gb else None)
+            self._cache = self.settings.cache()
         return self._cache
 
     def bundle(self) -> Path:

@@ -1,7 +1,8 @@
 """flightctl-device: the same library as the pytest plugin, for CI jobs and developers.
 
-Each group of subcommands lives in its own module exposing add_parsers(subparsers); this file
-only assembles them and turns the library's errors into one line and an exit code.
+One module per subcommand, each exposing add_parser(subparsers) and taking its options from
+the KNOBS table through cli/options.py; this file only assembles them and turns the library's
+errors into one line, in the flags of the subcommand that ran, and an exit code.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pytest_flightctl_device.cli.options import render_args, render_help
 from pytest_flightctl_device.errors import DeviceError
 
-# Modules that register subcommands; each has add_parsers(subparsers).
-_COMMAND_MODULES = ("fetch", "images", "device")
+# The subcommands, in the order `flightctl-device --help` lists them; each module has add_parser().
+COMMANDS = ("fetch", "cache", "build", "bundle", "qcow2", "load", "boot", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch, build, load and boot flightctl device images.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"{__package__}.{name}").add_parser(sub)
+    render_help(parser)
     return parser
 
 
@@ -33,12 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except DeviceError as exc:
-        print(f"flightctl-device: {exc}", file=sys.stderr)
+        print(f"flightctl-device: {render_args(str(exc), args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())

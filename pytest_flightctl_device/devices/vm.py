@@ -395,7 +395,7 @@ class DeviceVMFactory:
         self.worker = worker
         self.log = log or (lambda _msg: None)
         self.owner = Owner.current()
-        self.accelerator = Accelerator(settings.accel, verdict_file or settings.cache_dir / "accel.json")
+        self.accelerator = Accelerator(settings.accel, verdict_file or settings.accel_file)
         self.accel_used: set[str] = set()
         self.vms: list[DeviceVM] = []
         self.last_failed: DeviceVM | None = None

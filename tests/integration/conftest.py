@@ -5,6 +5,7 @@ Every VM these tests boot runs isolated (qemu restrict=on): nothing leaves this 
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ def make_factory(device_settings: Settings, agent_config: AgentConfig) -> Iterat
     made: list[DeviceVMFactory] = []
 
     def make(base_image: Path, *, agent: AgentConfig | None = None, **changes: object) -> DeviceVMFactory:
-        settings = device_settings.replace(network="isolated", **changes)
+        settings = dataclasses.replace(device_settings, network="isolated", **changes)
         factory = DeviceVMFactory(settings, base_image=base_image, agent=agent or agent_config,
                                   run_id=secrets.token_hex(4), worker="t")
         try:

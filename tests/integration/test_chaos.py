@@ -495,7 +495,7 @@ def chaos_root(device_settings: Settings) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="pftd-chaos-", dir="/var/tmp"))
     root.chmod(0o711)
     (root / "cache").mkdir()
-    verdict = device_settings.cache_dir / "accel.json"
+    verdict = device_settings.accel_file
     if verdict.is_file():  # the KVM verdict of this host: no KVM probe in every chaos round
         shutil.copy2(verdict, root / "cache" / "accel.json")
     yield root

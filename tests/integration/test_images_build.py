@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import shutil
@@ -25,8 +26,8 @@ __all__ = ["busybox_base", "podman_conn", "test_repo"]  # session fixtures used 
 
 
 def _settings(repo: str, base: str, tag: str, **extra: object) -> Settings:
-    return Settings().replace(containerfiles=TEST_CONTAINERFILES, base_image=base,
-                              image_repo=f"{repo}/device", image_tag=tag, **extra)
+    return dataclasses.replace(Settings(), containerfiles=TEST_CONTAINERFILES, base_image=base,
+                               image_repo=f"{repo}/device", image_tag=tag, **extra)
 
 
 def _run(conn: podman.Podman, ref: str, *cmd: str) -> str:
@@ -91,7 +92,7 @@ def test_a_failing_variant_is_named_with_its_last_lines(podman_conn: podman.Podm
     text = (files / "Containerfile-v3").read_text()
     (files / "Containerfile-v3").write_text(text.replace(
         "RUN cat", "RUN echo doomed-step-output-v3 && false && cat"))
-    settings = _settings(test_repo, busybox_base, "fail1").replace(containerfiles=files)
+    settings = dataclasses.replace(_settings(test_repo, busybox_base, "fail1"), containerfiles=files)
     with pytest.raises(PodmanError) as caught:
         build.build_all(podman_conn, build.plan(settings), lambda _line: None)
     message = str(caught.value)
@@ -111,7 +112,7 @@ def test_a_context_without_rpms_dir_is_refused_before_building(test_repo: str, b
     files = tmp_path / "containerfiles"
     shutil.copytree(TEST_CONTAINERFILES, files, ignore=shutil.ignore_patterns("rpms"))
     with pytest.raises(ConfigError, match=r"has no rpms/ directory; give --device-rpms"):
-        build.plan(_settings(test_repo, busybox_base, "x").replace(containerfiles=files))
+        build.plan(dataclasses.replace(_settings(test_repo, busybox_base, "x"), containerfiles=files))
 
 
 def test_an_rpms_dir_without_rpms_is_refused(test_repo: str, busybox_base: str, tmp_path: Path) -> None:
@@ -129,7 +130,7 @@ def test_bundle_then_load_then_skip(podman_conn: podman.Podman, built, tmp_path:
 
     remove_images(podman_conn, list(images.refs.values()))
     assert not set(images.refs.values()) & set(podman_conn.tag_ids())
-    loaded = podman.load_bundle(podman_conn, bundle, settings.replace(image_tag=None), tmp_path)
+    loaded = podman.load_bundle(podman_conn, bundle, dataclasses.replace(settings, image_tag=None), tmp_path)
     assert loaded.loaded
     assert loaded.tags == tuple(images.refs[v] for v in ("base", "v2", "v3", "v4"))
     assert loaded["v4"] == images.refs["v4"]
@@ -148,7 +149,7 @@ def test_concurrent_loads_load_once(podman_conn: podman.Podman, built, tmp_path:
     settings, images, _lines = built
     bundle = build.export_bundle(podman_conn, images, tmp_path / "bundle.tar", lambda _line: None)
     remove_images(podman_conn, list(images.refs.values()))
-    settings = settings.replace(podman_url=podman_conn.url)
+    settings = dataclasses.replace(settings, podman_url=podman_conn.url)
     ctx = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = ctx.Queue()
     procs = [ctx.Process(target=_load_in_process, args=(str(bundle), settings, str(tmp_path), results))

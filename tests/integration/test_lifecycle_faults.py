@@ -17,13 +17,13 @@ from pytest_flightctl_device.devices.vm import DeviceVMFactory, open_libvirt
 from pytest_flightctl_device.settings import Settings
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import dataclasses, sys, time
     from pathlib import Path
     from pytest_flightctl_device.devices.agent import throwaway_agent_config
     from pytest_flightctl_device.settings import Settings
     from pytest_flightctl_device.devices.vm import DeviceVMFactory
 
-    settings = Settings.resolve({}, {}, {}).replace(
+    settings = dataclasses.replace(Settings.resolve({}, {}, {}),
         network="isolated", memory_mib=256, vcpus=1, libvirt_uri=sys.argv[3], workdir=Path(sys.argv[4]),
         cache_dir=Path(sys.argv[5]))
     factory = DeviceVMFactory(settings, base_image=Path(sys.argv[1]), agent=throwaway_agent_config(),

@@ -174,7 +174,7 @@ def shared_dir(device_settings: Settings) -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="pftd-load-", dir="/var/tmp"))
     base.chmod(0o711)  # qemu must traverse to the cached qcow2, not list
     (base / "cache").mkdir(mode=0o711)
-    verdict = device_settings.cache_dir / "accel.json"
+    verdict = device_settings.accel_file
     if verdict.is_file():
         shutil.copy2(verdict, base / "cache" / "accel.json")
     yield base

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightctl_device.artifacts.cache import Cache
 from pytest_flightctl_device.artifacts.sources.build import qcow2_of
 from pytest_flightctl_device.errors import PodmanError
 from pytest_flightctl_device.images import podman, qcow2
@@ -85,7 +84,7 @@ def test_an_image_missing_from_storage_fails_in_the_builder(podman_conn: podman.
 def test_second_request_is_a_cache_hit(podman_conn: podman.Podman, bib_stand_in: str, busybox_base: str,
                                        tmp_path: Path) -> None:
     settings = Settings(bib_image=bib_stand_in, podman_url=podman_conn.url, cache_dir=tmp_path / "cache")
-    cache = Cache(settings.cache_dir)
+    cache = settings.cache()
     base_id = podman_conn.image_id(busybox_base)
     assert base_id is not None
     first: list[str] = []

@@ -83,7 +83,7 @@ def test_every_cli_call_parses_with_the_real_parser() -> None:
         args = parser.parse_args(call)
         assert callable(args.func)
         if call[0] != "load":
-            assert args.tag == "$TAG"
+            assert args.image_tag == "$TAG"  # --tag is the image_tag knob
 
 
 @pytest.mark.parametrize("needle", ["fetch-depth: 0", "git describe --tags --abbrev=0",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -64,7 +65,7 @@ def test_anything_but_a_docker_archive_is_one_sentence(tmp_path: Path, content: 
 
 def test_expected_tags_from_the_option_or_the_bundle() -> None:
     settings = Settings(image_repo="quay.io/x/dev", variants=("base", "v2"))
-    assert podman.expected_tags(settings.replace(image_tag="t1")) == {
+    assert podman.expected_tags(dataclasses.replace(settings, image_tag="t1")) == {
         "base": "quay.io/x/dev:base-t1", "v2": "quay.io/x/dev:v2-t1"}
     manifest = [podman.ManifestEntry(ID_A, ("quay.io/x/dev:v2-t9", "quay.io/x/dev:base-t9"))]
     assert podman.expected_tags(settings, manifest)["v2"] == "quay.io/x/dev:v2-t9"

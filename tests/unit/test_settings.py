@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
 from pytest_flightctl_device.errors import ConfigError
-from pytest_flightctl_device.settings import KNOBS, Settings, markdown_table
+from pytest_flightctl_device.settings import KNOBS, Settings, knob, markdown_table
 
 
 def resolve(cli: dict[str, object] | None = None, env: dict[str, str] | None = None,
@@ -88,8 +89,44 @@ def test_conflicting_sources_are_refused(tmp_path: Path) -> None:
         resolve(cli={"agent_certs": str(tmp_path)})
     with pytest.raises(ConfigError, match="pick one GitHub source"):
         resolve(cli={"github_pr": "1", "github_run": "2"})
-    with pytest.raises(ConfigError, match="--device-build was given together with a download source"):
+    with pytest.raises(ConfigError) as info:
         resolve(cli={"build": True, "github_pr": "1"})
+    assert str(info.value) == ("--device-build was given together with a download source; "
+                               "drop --device-build or --device-github-pr.")
+
+
+def test_settings_defaults_are_the_knobs_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings() and a resolve with nothing given are the same object, even for the computed paths."""
+    assert Settings() == resolve()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert Settings() == resolve()
+    assert Settings().cache_dir == tmp_path / "pytest-flightctl-device"
+    assert Settings().workdir == resolve().workdir
+
+
+def test_fields_follow_the_knobs_in_order() -> None:
+    assert [f.name for f in dataclasses.fields(Settings)] == [k.attr for k in KNOBS]
+
+
+def test_change_with_dataclasses_replace() -> None:
+    changed = dataclasses.replace(Settings(), memory_mib=256, network="isolated")
+    assert (changed.memory_mib, changed.network, changed.vcpus) == (256, "isolated", 2)
+    assert not hasattr(Settings, "replace")  # one way to change a frozen Settings
+
+
+def test_derived_paths_come_from_the_settings(tmp_path: Path) -> None:
+    settings = resolve(cli={"cache_dir": str(tmp_path / "c"), "cache_max_gb": "1.5"})
+    cache = settings.cache()
+    assert cache.root == tmp_path / "c" and cache.max_bytes == 1_500_000_000
+    assert settings.locks_dir == cache.locks == tmp_path / "c" / "locks"
+    assert settings.accel_file == tmp_path / "c" / "accel.json"
+    assert resolve(cli={"cache_dir": str(tmp_path)}).cache().max_bytes is None
+
+
+def test_help_text_says_the_default() -> None:
+    assert knob("memory_mib").help_text() == "Guest memory in MiB (default 2048)."
+    assert knob("variants").help_text().endswith("(default base,v2,v3,v4).")
+    assert knob("keep_vm").help_text() == knob("keep_vm").help  # a flag's default is "off": not said
 
 
 def test_every_knob_is_a_settings_field() -> None:

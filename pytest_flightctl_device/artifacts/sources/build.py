@@ -28,7 +28,7 @@ def built_images(settings: Settings, progress: Progress) -> build.BuiltImages:
         if settings not in _built:
             plan = build.plan(settings)
             conn = podman.shared(settings)
-            lock_dir = settings.cache_dir / "locks"
+            lock_dir = settings.locks_dir
             lock_dir.mkdir(parents=True, exist_ok=True)
             with FileLock(str(lock_dir / f"images-build-{conn.store_id()}.lock")):
                 progress(f"building {', '.join(plan.ref(v) for v in plan.variants)}")
