@@ -232,7 +232,7 @@ def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str
 # --- certificates --------------------------------------------------------------------------------
 
 
-class _CA:
+class ScratchCA:
     """A one-day test CA: the server certificate, the enrollment certificate, device certificates."""
 
     def __init__(self) -> None:
@@ -304,7 +304,7 @@ class FlightctlEmulator:
         self.token = token or secrets.token_urlsafe(24)
         self.long_poll_seconds = long_poll_seconds
         self._ui = ui_endpoint
-        self._ca = _CA()
+        self._ca = ScratchCA()
         self.ca_pem = self._ca.pem
         self.enrollment_cert_pem, self.enrollment_key_pem = self._ca.keypair(ENROLLMENT_CN)
         self._server_cert, self._server_key = self._ca.keypair("localhost", server=True)
@@ -367,13 +367,19 @@ class FlightctlEmulator:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _port(self, index: int) -> int:
+        if len(self._servers) != 2:
+            raise RuntimeError("the flightctl emulator is not running; call start() first")
+        port: int = self._servers[index].server_address[1]
+        return port
+
     @property
     def user_url(self) -> str:
-        return f"https://127.0.0.1:{self._servers[0].server_address[1]}"
+        return f"https://127.0.0.1:{self._port(0)}"
 
     @property
     def agent_url(self) -> str:
-        return f"https://127.0.0.1:{self._servers[1].server_address[1]}"
+        return f"https://127.0.0.1:{self._port(1)}"
 
     @property
     def ui_endpoint(self) -> str:
