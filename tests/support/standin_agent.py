@@ -400,6 +400,16 @@ class Agent:
                 if version != self.state.get("failedVersion"):
                     self.apply(body)
                     last_push = time.monotonic()
+            elif code == 404:  # the Device was deleted under a running agent: it enrolls again, same name
+                log(f"device {self.name} is gone from the service; enrolling again")
+                time.sleep(self.config.fetch_interval)
+                CERT.unlink(missing_ok=True)
+                write_banner(self.config, self.name, False)
+                self.enroll()
+                write_banner(self.config, self.name, True)
+                api = self.api = Api(self.config, CERT.read_bytes(), KEY.read_bytes(), self.workdir)
+                known = None
+                continue
             elif code != 204:
                 log(f"fetching the rendered spec failed: HTTP {code}: {(body or {}).get('message', '')}")
                 time.sleep(self.config.fetch_interval)
@@ -433,6 +443,12 @@ def reboot() -> None:
     log("rebooting")
     subprocess.run(["systemctl", "reboot"], check=False)
     time.sleep(600)
+
+
+def guest_files() -> list[tuple[str, bytes, int]]:
+    """(guest path, content, mode) that install the stand-in; then `systemctl enable flightctl-agent`."""
+    return [(SCRIPT_PATH, Path(__file__).read_bytes(), 0o755),
+            (f"/etc/systemd/system/{UNIT_NAME}", UNIT.encode("utf-8"), 0o644)]
 
 
 def main() -> int:

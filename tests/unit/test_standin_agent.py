@@ -102,6 +102,15 @@ def test_the_unit_is_type_notify_and_restarts() -> None:
     unit = standin_agent.UNIT
     assert "Type=notify" in unit and "Restart=always" in unit and "RestartSec=5" in unit
     assert standin_agent.SCRIPT_PATH in unit and standin_agent.UNIT_NAME == "flightctl-agent.service"
+    files = {path: (content, mode) for path, content, mode in standin_agent.guest_files()}
+    assert files[standin_agent.SCRIPT_PATH] == (SCRIPT.read_bytes(), 0o755)
+    assert files["/etc/systemd/system/flightctl-agent.service"][0] == unit.encode()
+
+
+def test_the_script_imports_only_the_standard_library() -> None:
+    source = SCRIPT.read_text()
+    imported = set(re.findall(r"^(?:import|from) (\w+)", source, re.MULTILINE)) - {"__future__"}
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
 
 
 # --- the whole flow against the emulator ----------------------------------------------------------
@@ -348,3 +357,55 @@ def _set_image(devices: DeviceApi, name: str, image: str) -> None:
         except ConflictException:
             continue
     raise AssertionError("10 conflicts in a row replacing the device")
+
+
+def test_four_agents_at_once_and_a_deleted_device_re_enrolls(tmp_path: Path) -> None:
+    """Four devices on one emulator (its store is shared by threads); then the teardown-order fact:
+    a Device deleted under a running agent comes back as a new EnrollmentRequest of the same name."""
+    require_tool("openssl")
+    short = Path(os.environ.get("TMPDIR", "/tmp"))
+    with FlightctlEmulator(long_poll_seconds=1.0) as emu:
+        client = user_client(emu, tmp_path / "ca.crt")
+        devices, ers = DeviceApi(client), EnrollmentrequestApi(client)
+        journal: list[str] = []
+        agents: list[StandIn] = []
+        notifies: list[Notify] = []
+        try:
+            for index in range(4):
+                root = tmp_path / f"root{index}"
+                (root / "etc/flightctl").mkdir(parents=True)
+                (root / "etc/flightctl/config.yaml").write_bytes(emu.agent_config_yaml(
+                    extra={"spec-fetch-interval": "0m1s", "status-update-interval": "0m1s"}))
+                notifies.append(Notify(short / f"fcdev-notify-{os.getpid()}-{time.monotonic_ns()}"))
+                agents.append(StandIn(root, notifies[-1], {}, journal))
+            names = wait_for("four enrollment requests", lambda: (
+                [er.metadata.name for er in ers.list_enrollment_requests().items] if
+                len(ers.list_enrollment_requests().items) == 4 else None))
+            for index, name in enumerate(names):
+                ers.approve_enrollment_request(name, EnrollmentRequestApproval(
+                    approved=True, labels={"test-id": f"t{index}"}))
+            for notify in notifies:
+                assert "READY=1" in (notify.receive(timeout=15) or "")
+
+            def all_online() -> bool:
+                items = devices.list_devices().items
+                return len(items) == 4 and all(d.status is not None and d.status.summary.status == "Online"
+                                               for d in items)
+
+            wait_for("four devices Online", all_online)
+            assert [d.metadata.name for d in devices.list_devices(label_selector="test-id=t2").items] == [names[2]]
+
+            gone = names[0]
+            devices.delete_device(gone)
+            ers.delete_enrollment_request(gone)
+            again = wait_for("the same name enrolling again", lambda: emu.enrollment_request(gone))
+            assert not again["status"]["conditions"]  # a fresh request, waiting for approval
+            assert any(f"{gone} is gone from the service" in line for line in journal)
+        finally:
+            for agent in agents:
+                agent.stop()
+            for notify in notifies:
+                notify.close()
+                notify.path.unlink(missing_ok=True)
+            print("stand-in agents output:", *journal, sep="\n")
+        assert emu.errors == []
