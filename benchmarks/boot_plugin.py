@@ -17,12 +17,14 @@ from typing import Any
 
 from boot_common import KERNEL, ConsoleWatch, console_patterns, cpu_seconds, libvirt_qemu_pid
 
-from pytest_flightctl_device.devices import vm as vm_module
+from pytest_flightctl_device.devices import boot as boot_module
 from pytest_flightctl_device.devices.agent import AgentConfig
+from pytest_flightctl_device.devices.boot import Boot
 from pytest_flightctl_device.devices.console import ConsoleLog
+from pytest_flightctl_device.devices.factory import DeviceVMFactory
+from pytest_flightctl_device.devices.readiness import CloudInitDone
 from pytest_flightctl_device.devices.slots import VMSlots
 from pytest_flightctl_device.devices.ssh import BannerWatch
-from pytest_flightctl_device.devices.vm import DeviceVM, DeviceVMFactory
 from pytest_flightctl_device.settings import Settings, default_libvirt_uri
 
 MARKER_PREFIX = "fcdev-ready i-"  # the plugin's final_message (seed.ready_marker) up to the id
@@ -63,15 +65,15 @@ def instrumented(clock: PhaseClock, marker_prefix: str) -> Iterator[None]:
     """Phase marks: slot, seed, overlay, domain started, kernel/marker noticed, banner, cloud-init check."""
     undo = [
         _after(VMSlots, "acquire", clock, "slot_acquired"),
-        _after(vm_module, "write_seed_iso", clock, "seed_written"),
-        _after(vm_module, "create_overlay", clock, "overlay_created"),
-        _after(DeviceVM, "_start", clock, "domain_started"),
+        _after(boot_module, "write_seed_iso", clock, "seed_written"),
+        _after(boot_module, "create_overlay", clock, "overlay_created"),
+        _after(Boot, "_start", clock, "domain_started"),
         _after(ConsoleLog, "refresh", clock, "plugin_saw_kernel",
                lambda log, _r: bool(KERNEL.search(log.text))),
         _after(ConsoleLog, "refresh", clock, "plugin_saw_ready_marker",
                lambda log, _r: marker_prefix in log.text),
         _after(BannerWatch, "poll", clock, "plugin_saw_banner", lambda _w, result: bool(result)),
-        _after(DeviceVM, "_check_cloud_init", clock, "cloud_init_checked_over_ssh",
+        _after(CloudInitDone, "poll", clock, "cloud_init_checked_over_ssh",
                before="cloud_init_check_started"),
     ]
     try:

@@ -17,10 +17,11 @@ from typing import Any
 from boot_common import ConsoleWatch, MachineCgroup, console_patterns, cpu_seconds, first_ssh_success
 
 from pytest_flightctl_device.devices.agent import AgentFile
+from pytest_flightctl_device.devices.boot import LOGIN_USER
+from pytest_flightctl_device.devices.domain import create_overlay
 from pytest_flightctl_device.devices.ports import free_loopback_port
 from pytest_flightctl_device.devices.seed import SeedSpec, new_instance_id, ready_marker, write_seed_iso
 from pytest_flightctl_device.devices.ssh import KeyPair, SshClient
-from pytest_flightctl_device.devices.vm import LOGIN_USER, create_overlay
 
 
 def qemu_argv(*, memory_mib: int, vcpus: int, console: Path, port: int, mac: str, seed: Path,

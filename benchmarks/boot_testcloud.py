@@ -46,9 +46,9 @@ from boot_common import (
 )
 
 from pytest_flightctl_device.devices.agent import AgentFile
+from pytest_flightctl_device.devices.boot import LOGIN_USER
 from pytest_flightctl_device.devices.seed import SeedSpec, new_instance_id, ready_marker, render_user_data
 from pytest_flightctl_device.devices.ssh import KeyPair, SshClient
-from pytest_flightctl_device.devices.vm import LOGIN_USER
 
 URI = "qemu:///session"
 NETDEV = re.compile(r"user,id=(?P<id>[^,]+),hostfwd=tcp::(?P<ssh>\d+)-:22,hostfwd=tcp::(?P<http>\d+)-:10022")

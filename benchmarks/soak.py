@@ -2,9 +2,9 @@
 
 Prints JSON: per phase the mean and max seconds over N boots (default 5), through one
 DeviceVMFactory as the soak test uses it. Phases are timed by wrapping the library's own steps:
-  seed, overlay, create_xml (libvirt createXML incl. the port pick), wait_ready (firmware, kernel,
-  init, SSH banner and cloud-init's final line on the console), cloud_init_ssh (the first ssh
-  command, which also starts the ControlMaster), ssh_close, destroy (libvirt destroy),
+  seed, overlay, create_xml (libvirt createXML incl. the port pick), wait_ready (every readiness
+  step: firmware, kernel, init, cloud-init's final line on the console, SSH banner, and
+  cloud_init_ssh: the first ssh command, which also starts the ControlMaster), ssh_close, destroy (libvirt destroy),
   qemu_exit_s (SIGTERM until qemu is a zombie) and qemu_reap_s (zombie until reaped by PID 1;
   libvirt's destroy waits for that); create (factory.create() in all), marker_s (create's start
   until the seed's ready line is on the console) and ready_after_marker_s (the rest of create).
@@ -30,8 +30,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_flightctl_device.devices import vm as vm_module  # noqa: E402
+from pytest_flightctl_device.devices import boot as boot_module  # noqa: E402
 from pytest_flightctl_device.devices.agent import throwaway_agent_config  # noqa: E402
+from pytest_flightctl_device.devices.factory import DeviceVMFactory  # noqa: E402
+from pytest_flightctl_device.devices.readiness import CloudInitDone, Readiness  # noqa: E402
 from pytest_flightctl_device.devices.seed import ready_marker  # noqa: E402
 from pytest_flightctl_device.devices.ssh import SshClient  # noqa: E402
 from pytest_flightctl_device.settings import Settings  # noqa: E402
@@ -98,15 +100,16 @@ def watch_console(vm: Any, since: float, stop: threading.Event) -> None:
 
 
 def watch_marker_from_start() -> threading.Event:
-    """Wrap DeviceVM._start so every started domain gets a console watcher; returns its stop event."""
+    """Wrap Boot._start so every started domain gets a console watcher; returns its stop event."""
     stop = threading.Event()
-    original: Callable[..., None] = vm_module.DeviceVM._start
+    original: Callable[..., Any] = boot_module.Boot._start
 
-    def start(self: Any, kvm: bool) -> None:
-        original(self, kvm)
+    def start(self: Any, choice: Any) -> Any:
+        result = original(self, choice)
         threading.Thread(target=watch_console, args=(self, CREATE_STARTED[-1], stop), daemon=True).start()
+        return result
 
-    vm_module.DeviceVM._start = start  # type: ignore[method-assign]
+    boot_module.Boot._start = start  # type: ignore[method-assign]
     return stop
 
 
@@ -117,17 +120,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boots", type=int, default=5)
     args = parser.parse_args()
-    timed(vm_module, "write_seed_iso", "seed")
-    timed(vm_module, "create_overlay", "overlay")
-    timed(vm_module.DeviceVM, "_start", "create_xml")
+    timed(boot_module, "write_seed_iso", "seed")
+    timed(boot_module, "create_overlay", "overlay")
+    timed(boot_module.Boot, "_start", "create_xml")
     stop = watch_marker_from_start()
-    timed(vm_module.DeviceVM, "_poll_ready", "wait_ready")
-    timed(vm_module.DeviceVM, "_check_cloud_init", "cloud_init_ssh")
+    timed(Readiness, "wait", "wait_ready")
+    timed(CloudInitDone, "poll", "cloud_init_ssh")
     timed(SshClient, "close", "ssh_close")
-    timed(vm_module.DeviceVM, "_destroy_domain", "destroy")
+    timed(boot_module.Boot, "_stop_domain", "destroy")
     settings = dataclasses.replace(Settings.resolve({}, os.environ, {}), network="isolated", memory_mib=256,
                                    vcpus=1, boot_timeout=60.0)
-    factory = vm_module.DeviceVMFactory(settings, base_image=build_guest("tiny"), agent=throwaway_agent_config(),
+    factory = DeviceVMFactory(settings, base_image=build_guest("tiny"), agent=throwaway_agent_config(),
                                         run_id=secrets.token_hex(4), worker="bench")
     factory.check()
     cycles = []
@@ -157,7 +160,7 @@ def main() -> None:
         factory.close()
     result: dict[str, Any] = {"boots": args.boots, "accel": accel,
                               "cycle_mean_s": round(statistics.fmean(cycles), 2),
-                              "boot_mean_s": round(statistics.fmean(factory.boot_times), 2)}
+                              "boot_mean_s": round(statistics.fmean(factory.stats.times), 2)}
     for label, values in PHASES.items():
         result[label] = {"mean": round(statistics.fmean(values), 3), "max": round(max(values), 3)}
     print(json.dumps(result, indent=1))

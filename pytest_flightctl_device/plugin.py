@@ -84,10 +84,11 @@ def device_settings(request: pytest.FixtureRequest) -> Settings:
 # -- artifacts: agent_images_bundle, agent_qcow2 ----------------------------------------------
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from pytest_flightctl_device.artifacts.session import Artifacts
+    from pytest_flightctl_device.images.podman import PodmanSession
 
 
 def _artifact_progress(config: pytest.Config) -> Callable[[str], None] | None:
@@ -109,27 +110,45 @@ def _artifact_progress(config: pytest.Config) -> Callable[[str], None] | None:
 
 def _guarded(settings: Settings, get: Callable[[], _T]) -> _T:
     """Run `get` for a fixture: a missing tool skips (an error under --device-require), other library
-    errors fail the test in one line, without a traceback from inside the plugin."""
+    errors fail the test in one line, without a traceback from inside the plugin.
+
+    pytest.skip/fail are raised after the `except` block, not in it: raised inside, they carry the
+    library error as their context and pytest prints the message twice ("During handling of the
+    above exception, another exception occurred").
+    """
     from pytest_flightctl_device.errors import DeviceError, MissingToolError
 
     try:
         return get()
     except MissingToolError as exc:
-        if settings.require:
-            pytest.fail(f"{exc} (--device-require is set, so this is an error)", pytrace=False)
-        pytest.skip(str(exc))
+        skip = not settings.require
+        message = str(exc) if skip else f"{exc} (--device-require is set, so this is an error)"
     except DeviceError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        skip, message = False, str(exc)
+    if skip:
+        pytest.skip(message)
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")
-def device_artifacts(request: pytest.FixtureRequest) -> Artifacts:
+def device_podman(request: pytest.FixtureRequest) -> Iterator[PodmanSession]:
+    """This session's podman connection, made when first used (a build, a load); closing it stops a
+    private podman service the session started, by its PID."""
+    from pytest_flightctl_device.images.podman import PodmanSession
+
+    with PodmanSession(settings_of(request.config)) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def device_artifacts(request: pytest.FixtureRequest, device_podman: PodmanSession) -> Artifacts:
     """This session's artifacts; nothing is resolved, fetched or checked until a fixture asks."""
     from pytest_flightctl_device.artifacts.session import Artifacts
 
     config = request.config
     tty = bool(getattr(config.get_terminal_writer(), "hasmarkup", False))
-    return Artifacts(settings_of(config), progress=_artifact_progress(config), interval=2.0 if tty else 5.0)
+    return Artifacts(settings_of(config), progress=_artifact_progress(config), interval=2.0 if tty else 5.0,
+                     podman=device_podman)
 
 
 @pytest.fixture(scope="session")
@@ -148,14 +167,12 @@ def agent_qcow2(request: pytest.FixtureRequest, device_artifacts: Artifacts) -> 
 # -- images: agent_images -----------------------------------------------------------------------
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
-
     from pytest_flightctl_device.images.podman import LoadedImages
 
 
 @pytest.fixture(scope="session")
-def agent_images(request: pytest.FixtureRequest,
-                 agent_images_bundle: Path) -> Generator[LoadedImages, None, None]:
+def agent_images(request: pytest.FixtureRequest, agent_images_bundle: Path,
+                 device_podman: PodmanSession) -> LoadedImages:
     """The bundle's images loaded into podman, at most once per podman store (a file lock serialises
     workers; a store that already holds every tag with the same image ID is not loaded again).
 
@@ -166,29 +183,21 @@ def agent_images(request: pytest.FixtureRequest,
 
     settings = settings_of(request.config)
     progress = _artifact_progress(request.config)
-
-    def load() -> LoadedImages:
-        conn = podman.shared(settings)
-        return podman.load_bundle(conn, agent_images_bundle, settings, settings.locks_dir,
-                                  progress)
-
-    yield _guarded(settings, load)
-    podman.close_shared()  # stops a private podman service this session started, by its PID
+    return _guarded(settings, lambda: podman.load_bundle(device_podman.get(), agent_images_bundle, settings,
+                                                          settings.locks_dir, progress))
 
 
 # -- device VMs: agent_config, device_vm_factory, device_vm ------------------------------------
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from pytest_flightctl_device.devices.agent import AgentConfig
-    from pytest_flightctl_device.devices.vm import DeviceVM, DeviceVMFactory
+    from pytest_flightctl_device.devices.factory import BootStats, DeviceVMFactory
+    from pytest_flightctl_device.devices.vm import DeviceVM
 
 RUN_ID_KEY = "fcdev_run_id"
-_VMS_KEY = pytest.StashKey[list["DeviceVM"]]()
 _REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 _FACTORY_KEY = pytest.StashKey["DeviceVMFactory"]()
-_MARKER_ARGS = ("variant", "memory_mib", "vcpus", "runcmd", "boot_timeout")
+_STATS_KEY = pytest.StashKey["BootStats"]()
 
 
 def _run_id(config: pytest.Config) -> str:
@@ -230,7 +239,7 @@ def agent_config(request: pytest.FixtureRequest) -> AgentConfig:
 def device_vm_factory(request: pytest.FixtureRequest, agent_config: AgentConfig,
                       agent_qcow2: Path) -> Iterator[DeviceVMFactory]:
     """Makes device VMs for this session (or xdist worker); destroys them all at the end."""
-    from pytest_flightctl_device.devices.vm import DeviceVMFactory
+    from pytest_flightctl_device.devices.factory import DeviceVMFactory
 
     config = request.config
     settings = settings_of(config)
@@ -246,39 +255,16 @@ def device_vm_factory(request: pytest.FixtureRequest, agent_config: AgentConfig,
 @pytest.fixture
 def device_vm(request: pytest.FixtureRequest, device_vm_factory: DeviceVMFactory) -> Iterator[DeviceVM]:
     """A fresh, ready device for this test; `@pytest.mark.device(...)` says which."""
-    from pytest_flightctl_device.errors import ConfigError as _ConfigError
-
     marker = request.node.get_closest_marker("device")
-    kwargs = dict(marker.kwargs) if marker else {}
-    unknown = sorted(set(kwargs) - set(_MARKER_ARGS))
-    settings = settings_of(request.config)
-    if unknown or (marker and marker.args):
-        given = unknown or list(marker.args if marker else ())
-        pytest.fail(f"@pytest.mark.device got unexpected arguments {given}; "
-                    f"use keyword arguments from {', '.join(_MARKER_ARGS)}.", pytrace=False)
-    try:
-        vm_request = device_vm_factory.request(**kwargs)
-    except _ConfigError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    vms = request.node.stash.setdefault(_VMS_KEY, [])
-    try:
-        vm = _guarded(settings, lambda: device_vm_factory.create(vm_request))
-    finally:
-        if device_vm_factory.last_failed is not None:
-            vms.append(device_vm_factory.last_failed)
-            device_vm_factory.last_failed = None
-    vms.append(vm)
+    node = request.node.nodeid
+    vm = _guarded(settings_of(request.config), lambda: device_vm_factory.create(
+        device_vm_factory.request_from_marker(marker.args, marker.kwargs) if marker else None, for_test=node))
     yield vm
-    reports = request.node.stash.get(_REPORTS_KEY, {})
-    failed = any(report.failed for report in reports.values())
-    if failed and settings.keep_vm:
-        command = vm.keep()
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"flightctl-device: kept {vm.name} for {request.node.nodeid}; "
-                                f"log in with: {command}  (remove it with: virsh destroy {vm.name})")
-    else:
-        device_vm_factory.release(vm)
+    failed = any(report.failed for report in request.node.stash.get(_REPORTS_KEY, {}).values())
+    kept = device_vm_factory.finish(vm, failed=failed)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if kept and reporter is not None:
+        reporter.write_line(f"flightctl-device: kept {vm.name} for {node}; {kept}")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -286,20 +272,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """A failed test's report gets each device's console tail, domain XML and redacted user-data."""
     report: pytest.TestReport = yield  # type: ignore[assignment]
     item.stash.setdefault(_REPORTS_KEY, {})[report.when] = report
+    factory = item.config.stash.get(_FACTORY_KEY, None)
+    if factory is None:
+        return report  # type: ignore[return-value]
     if report.failed:
-        for vm in item.stash.get(_VMS_KEY, []):
+        for vm in factory.made_for(item.nodeid):
             report.sections.append((f"flightctl-device {vm.name} console (last 50 lines)", vm.console_tail()))
             report.sections.append((f"flightctl-device {vm.name} domain XML", vm.domain_xml()))
             report.sections.append((f"flightctl-device {vm.name} user-data (secrets redacted)",
                                     vm.user_data_redacted()))
+    if report.when == "teardown":
+        factory.forget(item.nodeid)
     return report  # type: ignore[return-value]
 
 
-_BOOTS_KEY = pytest.StashKey[dict[str, Any]]()
+def _stats(config: pytest.Config) -> BootStats:
+    from pytest_flightctl_device.devices.factory import BootStats
 
-
-def _boots(config: pytest.Config) -> dict[str, Any]:
-    return config.stash.setdefault(_BOOTS_KEY, {"times": [], "accel": set()})
+    return config.stash.setdefault(_STATS_KEY, BootStats())
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -307,12 +297,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     factory = session.config.stash.get(_FACTORY_KEY, None)
     if factory is None:
         return
-    boots = _boots(session.config)
-    boots["times"].extend(factory.boot_times)
-    boots["accel"].update(factory.accel_used)
+    stats = _stats(session.config)
+    stats.merge(factory.stats.as_data())
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
-        workeroutput["fcdev_boots"] = {"times": boots["times"], "accel": sorted(boots["accel"])}
+        workeroutput["fcdev_boots"] = stats.as_data()
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -320,17 +309,11 @@ def pytest_testnodedown(node: Any, error: object) -> None:
     """xdist controller: add a finished worker's boot figures to the run's."""
     figures = getattr(node, "workeroutput", {}).get("fcdev_boots")
     if figures:
-        boots = _boots(node.config)
-        boots["times"].extend(figures["times"])
-        boots["accel"].update(figures["accel"])
+        _stats(node.config).merge(figures)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    boots = terminalreporter.config.stash.get(_BOOTS_KEY, None)
-    if not boots or not boots["times"]:
-        return
-    times = sorted(boots["times"])
-    accel = "; ".join(sorted(boots["accel"]))
-    terminalreporter.write_line(
-        f"flightctl-device: {len(times)} device VM(s) booted, ready after {times[0]:.1f}-{times[-1]:.1f} s; "
-        f"acceleration: {accel}")
+    stats = terminalreporter.config.stash.get(_STATS_KEY, None)
+    summary = stats.summary() if stats is not None else None
+    if summary:
+        terminalreporter.write_line(f"flightctl-device: {summary}")

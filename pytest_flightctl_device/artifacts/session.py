@@ -20,6 +20,7 @@ from pytest_flightctl_device.settings import Settings
 
 if TYPE_CHECKING:
     from pytest_flightctl_device.artifacts.sources.github import GitHubSource
+    from pytest_flightctl_device.images.podman import PodmanSession
 
 Progress = Callable[[str], None]
 
@@ -37,8 +38,9 @@ class Artifacts:
     """Resolves, downloads (once) and verifies the bundle tar and the qcow2 of a session."""
 
     def __init__(self, settings: Settings, *, progress: Progress | None = None,
-                 interval: float = 5.0, bar: bool = False) -> None:
+                 interval: float = 5.0, bar: bool = False, podman: PodmanSession | None = None) -> None:
         self.settings = settings
+        self._podman = podman  # for --device-build; the session's own (the plugin's fixture owns it)
         self._progress = progress
         self._interval = interval
         self._bar = bar
@@ -91,7 +93,11 @@ class Artifacts:
             # the local build module is imported only when asked: it pulls in podman and friends
             build = importlib.import_module(f"{__package__}.sources.build")
             produce = build.build_bundle if kind == "bundle" else build.build_qcow2
-            path = Path(produce(settings, self.cache, self._progress or (lambda _text: None)))
+            if self._podman is None:  # none given: one of this object's own, closed at exit
+                from pytest_flightctl_device.images.podman import PodmanSession
+
+                self._podman = PodmanSession(settings)
+            path = Path(produce(settings, self.cache, self._progress or (lambda _text: None), self._podman))
         else:
             raise ConfigError(_NO_SOURCE[kind] + ".")
         if self.cache.max_bytes is not None:

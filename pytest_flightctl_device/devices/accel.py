@@ -66,7 +66,6 @@ class Accelerator:
         self.mode = mode
         self.verdict_file = verdict_file
         self.lock = FileLock(str(verdict_file) + ".lock")
-        self.used: str | None = None
 
     def remembered(self) -> dict[str, object] | None:
         try:

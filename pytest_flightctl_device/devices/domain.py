@@ -1,12 +1,25 @@
-"""libvirt domain XML for a device VM, and the metadata that tells the janitor who owns it."""
+"""A device VM's libvirt domain: its XML, the owner metadata the janitor reads, and starting it.
+
+Starting is kept here with the XML because the two fail together: the SSH port picked for the
+XML can be taken before qemu binds it (retried), and libvirt's errors are mapped to what the
+user must change (an unreadable base image is a ConfigError, not a boot failure).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from pytest_flightctl_device.core.liveness import Owner
+from pytest_flightctl_device.devices.ports import port_reservation
+from pytest_flightctl_device.errors import BootError, ConfigError, MissingToolError
 
 METADATA_NS = "https://github.com/flightctl/pytest-flightctl-device/owner/1"
 METADATA_KEY = "fcdev"
@@ -109,3 +122,100 @@ def render(spec: DomainSpec) -> str:
   </qemu:commandline>
 </domain>
 """
+
+
+# -- starting ---------------------------------------------------------------------------------------
+
+PORT_ATTEMPTS = 3
+# Start paused, then resume: a kill -9 of the starting process that lands inside createXML lets
+# libvirt finish the start before it autodestroys; paused, the guest does not run meanwhile.
+START_PAUSED = True
+
+
+def open_libvirt(uri: str) -> Any:
+    """A libvirt connection, or MissingToolError saying how to get one."""
+    try:
+        import libvirt
+    except ImportError:
+        raise MissingToolError("libvirt-python is not installed; pip install libvirt-python "
+                               "(it needs libvirt-dev and pkg-config to build).") from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stray stderr noise
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise MissingToolError(
+            f"cannot connect to libvirt at {uri} ({exc.get_error_message()}); start libvirtd "
+            "(systemctl start libvirtd, or libvirtd -d) or set --device-libvirt-uri."
+        ) from None
+
+
+def create_overlay(base: Path, overlay: Path) -> None:
+    """A copy-on-write qcow2 over `base`; qemu only ever opens the base read-only."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise MissingToolError("qemu-img is not installed; install qemu-utils (Debian) or qemu-img (Fedora).")
+    # 0600 from its first byte (the guest writes the injected secrets into it); qemu-img
+    # truncates an existing file and keeps its mode.
+    os.close(os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
+                           str(overlay)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        overlay.unlink(missing_ok=True)
+        why = " ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
+        raise ConfigError(f"cannot create an overlay over {base} ({why}); give a qcow2 image with --device-qcow2.")
+
+
+def start_domain(conn: Any, spec_for: Callable[[int], DomainSpec], *, ports_lock: Path, base_image: Path,
+                 autodestroy: bool = True) -> tuple[Any, DomainSpec]:
+    """Start a transient domain whose SSH forward uses a free loopback port; (domain, spec it got).
+
+    The port lock is held until qemu has bound the port; a port taken anyway (by a process outside
+    the lock) is retried with another one.
+    """
+    import libvirt
+
+    flags = libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0
+    if START_PAUSED:
+        flags |= libvirt.VIR_DOMAIN_START_PAUSED
+    last_error = ""
+    spec: DomainSpec | None = None
+    for _attempt in range(PORT_ATTEMPTS):
+        with port_reservation(ports_lock) as port:
+            spec = spec_for(port)
+            try:
+                dom = conn.createXML(render(spec), flags)
+            except libvirt.libvirtError as exc:
+                last_error = exc.get_error_message() or str(exc)
+                if "host forwarding" in last_error or "Address already in use" in last_error:
+                    continue
+                break
+        if START_PAUSED:
+            try:
+                dom.resume()
+            except libvirt.libvirtError as exc:
+                destroy_domain(dom)
+                raise BootError(f"libvirt could not resume device VM {spec.name}: "
+                                f"{exc.get_error_message() or exc}") from None
+        return dom, spec
+    name = spec.name if spec else "?"
+    if "Permission denied" in last_error and "backing file" in last_error:
+        raise ConfigError(
+            f"libvirt's qemu cannot read the base image {base_image} (a parent directory is "
+            "not traversable for the user qemu runs as); put the qcow2 under a directory every user "
+            "can traverse, such as /var/tmp, or use --device-libvirt-uri qemu:///session.")
+    raise BootError(f"libvirt could not start device VM {name}: {last_error}")
+
+
+def destroy_domain(dom: Any) -> None:
+    """Stop a domain; one that is already gone is the goal, not an error."""
+    with contextlib.suppress(Exception):
+        if dom.isActive():
+            dom.destroy()
+
+
+def mark_kept(dom: Any, spec: DomainSpec) -> None:
+    """Tell the janitor (through the domain's metadata) that this domain outlives its owner on purpose."""
+    import libvirt
+
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner_metadata(spec, keep=True), METADATA_KEY,
+                    METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)

@@ -15,7 +15,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,9 +260,3 @@ def copy_out(src: Path, dest: Path) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return dest
-
-
-def log_progress(prefix: str = "") -> Callable[[str], None]:
-    def emit(line: str) -> None:
-        print(f"{prefix}{line}", flush=True)
-    return emit

@@ -1,6 +1,6 @@
 """podman through its API (podman-py): the connection, streamed bundle load and export, image queries.
 
-One connection per service URL per process. When no URL is configured and the default socket does
+One connection per session (PodmanSession, owned by who made it). When no URL is configured and the default socket does
 not answer, a private `podman system service` is started for the process and stopped (that PID
 only) when the process ends. Loads and exports stream in 1 MiB chunks: podman-py's own
 `images.load` reads the whole file into memory, which a 1 GiB bundle cannot afford.
@@ -277,27 +277,39 @@ def connect(settings: Settings, env: Mapping[str, str] | None = None,
     return Podman(service.url, service)
 
 
-_shared: dict[tuple[str | None, str | None], Podman] = {}
-_shared_lock = threading.Lock()
+class PodmanSession:
+    """The podman connection of one session (a pytest run, a CLI command), made on first use.
 
+    Whoever makes it owns it: close() stops a private service the connection started, by its PID
+    (and an unclosed session is closed at exit). Until then every user of the session shares the one
+    connection, so a build, an export and a load talk to the same service.
+    """
 
-def shared(settings: Settings) -> Podman:
-    """One connection per process and configuration; closed (private service stopped) at exit."""
-    key = (settings.podman_url, os.environ.get("CONTAINER_HOST"))
-    with _shared_lock:
-        if key not in _shared:
-            if not _shared:
-                atexit.register(close_shared)
-            _shared[key] = connect(settings)
-        return _shared[key]
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._conn: Podman | None = None
+        self._lock = threading.Lock()
 
+    def get(self) -> Podman:
+        with self._lock:
+            if self._conn is None:
+                self._conn = connect(self.settings)
+                atexit.register(self.close)
+            return self._conn
 
-def close_shared() -> None:
-    with _shared_lock:
-        for conn in _shared.values():
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            atexit.unregister(self.close)
             with contextlib.suppress(Exception):
                 conn.close()
-        _shared.clear()
+
+    def __enter__(self) -> PodmanSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 # -- bundles ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytest_flightctl_device.devices.agent import AgentConfig
-from pytest_flightctl_device.devices.vm import DeviceVMFactory
+from pytest_flightctl_device.devices.factory import DeviceVMFactory
 from pytest_flightctl_device.errors import MissingToolError
 from pytest_flightctl_device.settings import Settings
 from tests.support.helpers import missing

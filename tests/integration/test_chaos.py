@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from pytest_flightctl_device.artifacts.cache import Cache, sha256_file
-from pytest_flightctl_device.devices.vm import open_libvirt
+from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.errors import MissingToolError
 from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import VARIANTS, Settings

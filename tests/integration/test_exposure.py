@@ -95,7 +95,7 @@ def test_a_device_that_fails(device_vm, agent_images_bundle):
             files[str(path.relative_to(WORKDIR))] = {
                 "mode": stat.S_IMODE(path.stat().st_mode),
                 "secret": any(s in data for s in SECRETS)}
-    key_file = device_vm._factory.keypair.private_path
+    key_file = device_vm.ssh.key
     ssh_key_lines = [line for line in key_file.read_text().splitlines()
                      if len(line) >= 16 and not line.startswith("-----")]
     guest_key = device_vm.run("sudo sha256sum /etc/flightctl/certs/client-enrollment.key").stdout.split()[0]

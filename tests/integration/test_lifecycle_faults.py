@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices import janitor
-from pytest_flightctl_device.devices.vm import DeviceVMFactory, open_libvirt
+from pytest_flightctl_device.devices.domain import open_libvirt
+from pytest_flightctl_device.devices.factory import DeviceVMFactory
 from pytest_flightctl_device.settings import Settings
 
 CHILD = textwrap.dedent("""
@@ -21,7 +22,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     from pytest_flightctl_device.devices.agent import throwaway_agent_config
     from pytest_flightctl_device.settings import Settings
-    from pytest_flightctl_device.devices.vm import DeviceVMFactory
+    from pytest_flightctl_device.devices.factory import DeviceVMFactory
 
     settings = dataclasses.replace(Settings.resolve({}, {}, {}),
         network="isolated", memory_mib=256, vcpus=1, libvirt_uri=sys.argv[3], workdir=Path(sys.argv[4]),

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pytest_flightctl_device.devices.vm import open_libvirt
+from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
 from tests.support.helpers import missing

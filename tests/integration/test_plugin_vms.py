@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from pytest_flightctl_device.devices import janitor
-from pytest_flightctl_device.devices.vm import open_libvirt
+from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.settings import Settings
 
 pytest_plugins = ["pytester"]
@@ -131,3 +136,52 @@ def test_a_path_option_that_moved_rootdir_is_flagged(pytester: pytest.Pytester, 
                                  "write --device-qcow2=PATH*"])
     clean = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--device-qcow2={tiny_guest}")
     assert "took its rootdir" not in clean.stdout.str()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def _file_server(directory: Path) -> Iterator[int]:
+    """A loopback HTTP server over `directory`: a missing file is a real 404."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _printed_once(text: str, message: str) -> None:
+    assert text.count(message) == 1, text
+    assert "During handling of the above exception" not in text, text
+
+
+def test_a_fixture_error_is_printed_once(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    pytester.makepyfile("def test_device(agent_qcow2):\n    pass\n")
+    with _file_server(served) as port:
+        url = f"http://127.0.0.1:{port}/missing.qcow2"
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rN", f"--device-qcow2={url}",
+                                               f"--device-cache-dir={tmp_path / 'cache'}")
+    result.assert_outcomes(errors=1)
+    _printed_once(result.stdout.str(), f"{url} answered HTTP 404")
+
+
+def test_a_bad_marker_argument_is_one_clear_error(pytester: pytest.Pytester, tiny_args: list[str]) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.device(memory=512)
+        def test_device(device_vm):
+            pass
+    """)
+    result = pytester.runpytest_subprocess(*tiny_args, "-rN")
+    result.assert_outcomes(errors=1)
+    _printed_once(result.stdout.str(), "@pytest.mark.device got unexpected arguments ['memory']; use keyword "
+                                       "arguments from memory_mib, vcpus, variant, runcmd, boot_timeout.")
+    assert "fcdev-" not in result.stdout.str()  # nothing booted

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pytest_flightctl_device.devices.vm import open_libvirt
+from pytest_flightctl_device.devices.domain import open_libvirt
 from tests.integration.conftest import FactoryMaker
 
 

@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from pytest_flightctl_device.devices.vm import DeviceVMFactory
+from pytest_flightctl_device.devices.factory import DeviceVMFactory
 from tests.integration.conftest import FactoryMaker
 
 RSS_GROWTH_LIMIT_KIB = 20 * 1024

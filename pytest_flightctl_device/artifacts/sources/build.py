@@ -22,12 +22,12 @@ _built: dict[Settings, build.BuiltImages] = {}
 _built_lock = threading.Lock()
 
 
-def built_images(settings: Settings, progress: Progress) -> build.BuiltImages:
+def built_images(settings: Settings, pod: podman.PodmanSession, progress: Progress) -> build.BuiltImages:
     """Build base and variants once for these settings (per process, and one process at a time)."""
     with _built_lock:
         if settings not in _built:
             plan = build.plan(settings)
-            conn = podman.shared(settings)
+            conn = pod.get()
             lock_dir = settings.locks_dir
             lock_dir.mkdir(parents=True, exist_ok=True)
             with FileLock(str(lock_dir / f"images-build-{conn.store_id()}.lock")):
@@ -41,10 +41,10 @@ def bundle_key(built: build.BuiltImages) -> str:
     return "bundle-build:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def build_bundle(settings: Settings, cache: Cache, progress: Progress) -> Path:
+def build_bundle(settings: Settings, cache: Cache, progress: Progress, pod: podman.PodmanSession) -> Path:
     """The bundle of the locally built images, exported once per set of image IDs."""
-    built = built_images(settings, progress)
-    conn = podman.shared(settings)
+    built = built_images(settings, pod, progress)
+    conn = pod.get()
 
     def produce(tmp: Path) -> None:
         build.export_bundle(conn, built, tmp, progress)
@@ -53,15 +53,16 @@ def build_bundle(settings: Settings, cache: Cache, progress: Progress) -> Path:
                         source=f"local build {built.refs['base']}")
 
 
-def build_qcow2(settings: Settings, cache: Cache, progress: Progress) -> Path:
+def build_qcow2(settings: Settings, cache: Cache, progress: Progress, pod: podman.PodmanSession) -> Path:
     """The qcow2 of the locally built base image, made by bootc-image-builder once per key."""
-    built = built_images(settings, progress)
-    return qcow2_of(settings, built.refs["base"], built.ids["base"], cache, progress)
+    built = built_images(settings, pod, progress)
+    return qcow2_of(settings, built.refs["base"], built.ids["base"], cache, progress, pod)
 
 
-def qcow2_of(settings: Settings, ref: str, image_id: str, cache: Cache, progress: Progress) -> Path:
+def qcow2_of(settings: Settings, ref: str, image_id: str, cache: Cache, progress: Progress,
+             pod: podman.PodmanSession) -> Path:
     """The qcow2 of image `ref` (ID `image_id`) from the cache, or built by bib and cached."""
-    conn = podman.shared(settings)
+    conn = pod.get()
     bib_id = qcow2.builder_image_id(conn, settings, progress)
     key = qcow2.cache_key(image_id, settings.bib_image, bib_id, settings.bib_config)
 

@@ -1,0 +1,251 @@
+"""One device VM's life on libvirt: slot, seed, overlay, domain, readiness, teardown.
+
+A boot gets a BootContext (what it needs from its session: the connection, the key, the agent
+config, the accelerator, the slots, the port lock, who owns it) and nothing else, so it can be
+read, and driven, without the factory that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_flightctl_device.core.liveness import Owner
+from pytest_flightctl_device.devices import janitor
+from pytest_flightctl_device.devices.accel import TCG_TIMEOUT_FACTOR, Accelerator, Choice, watch_kernel
+from pytest_flightctl_device.devices.agent import AgentConfig, redact
+from pytest_flightctl_device.devices.console import ConsoleLog
+from pytest_flightctl_device.devices.domain import (
+    DomainSpec,
+    create_overlay,
+    destroy_domain,
+    mark_kept,
+    render,
+    start_domain,
+)
+from pytest_flightctl_device.devices.readiness import (
+    Cancelled,
+    Failed,
+    Readiness,
+    TimedOut,
+    device_guards,
+    device_steps,
+)
+from pytest_flightctl_device.devices.seed import SeedSpec, new_instance_id, ready_marker, write_seed_iso
+from pytest_flightctl_device.devices.slots import Slot, VMSlots
+from pytest_flightctl_device.devices.ssh import KeyPair, SshClient
+from pytest_flightctl_device.errors import BootError
+
+if TYPE_CHECKING:
+    from pytest_flightctl_device.devices.vm import VMRequest
+
+SLOT_WAIT_S = 3600.0  # a queued boot waits this long for a free VM slot (--device-max-vms)
+LOGIN_USER = "user"
+
+
+@dataclass(frozen=True)
+class BootContext:
+    """What a boot needs from the session that asks for it."""
+
+    conn: Any  # a libvirt connection
+    base_image: Path
+    keypair: KeyPair
+    agent: AgentConfig
+    accelerator: Accelerator
+    slots: VMSlots
+    ports_lock: Path
+    owner: Owner
+    run_id: str
+    isolated: bool
+    firmware: str
+    keep_vm: bool
+    host_forward: tuple[int, ...]
+    boot_timeout: float
+    log: Callable[[str], None]
+
+    def timeout_for(self, request: VMRequest, accel: str) -> float:
+        base = request.boot_timeout or self.boot_timeout
+        return base * (TCG_TIMEOUT_FACTOR if accel == "tcg" else 1.0)
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.agent.secrets())
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line: where qemu's own complaint ends up in a libvirt start error."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+class Boot:
+    """Starts one device and keeps what runs it: its slot, domain, console and SSH client."""
+
+    def __init__(self, ctx: BootContext, name: str, vm_dir: Path, request: VMRequest) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.dir = vm_dir
+        self.request = request
+        self.overlay = vm_dir / "overlay.qcow2"
+        self.seed = vm_dir / "seed.iso"
+        self.console_path = vm_dir / "console.log"
+        self.mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+        self.instance_id = new_instance_id()
+        self.console = ConsoleLog(self.console_path)
+        self.cancelled = threading.Event()  # set to abandon a background (spare) boot
+        self.ssh_port = 0
+        self.accel = ""
+        self.accel_reason = ""
+        self.seconds = 0.0
+        self.ready_at = 0.0  # time.monotonic() when it became ready
+        self.dom: Any = None
+        self.spec: DomainSpec | None = None
+        self.seed_spec: SeedSpec | None = None
+        self.ssh: SshClient | None = None
+        self._slot: Slot | None = None
+
+    # -- the boot --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        ctx = self.ctx
+        self._slot = ctx.slots.acquire(SLOT_WAIT_S, ctx.log, self.cancelled)
+        started = time.monotonic()
+        self.dir.mkdir(mode=0o711)
+        os.chmod(self.dir, 0o711)  # noqa: S103 - qemu (another user) must traverse, not list
+        self.seed_spec = SeedSpec(instance_id=self.instance_id, hostname=self.name,
+                                  authorized_key=ctx.keypair.public_line, files=ctx.agent.files,
+                                  mac=self.mac, runcmd=self.request.runcmd)
+        write_seed_iso(self.seed_spec, self.seed)
+        choice = ctx.accelerator.choose()
+        if choice.probe:
+            with ctx.accelerator.lock:
+                choice = ctx.accelerator.choose()  # another worker may have probed meanwhile
+                choice = self._start_probing(choice) if choice.probe else self._start(choice)
+        else:
+            self._start(choice)
+        self.accel = "kvm" if choice.kvm else "tcg"
+        self.accel_reason = choice.reason
+        self.ssh = SshClient(port=self.ssh_port, key=ctx.keypair.private_path, user=LOGIN_USER,
+                             state_dir=self.dir)
+        self.wait_ready(0, started + ctx.timeout_for(self.request, self.accel))
+        self.ready_at = time.monotonic()
+        self.seconds = self.ready_at - started
+
+    def _start_probing(self, choice: Choice) -> Choice:
+        """Boot under KVM and trust it only if the kernel prints; else restart under TCG."""
+        accelerator = self.ctx.accelerator
+        try:
+            self._start(choice)
+        except BootError as exc:
+            works, reason = False, f"qemu did not start under KVM ({last_line(str(exc))})"
+        else:
+            works, reason = watch_kernel(self.console, self.is_active)
+        if accelerator.mode == "auto":
+            accelerator.record(works, reason)
+        if works:
+            return choice
+        self._stop_domain()
+        if accelerator.mode == "kvm":
+            raise BootError(f"--device-accel kvm was asked for but KVM does not work here: {reason} "
+                            "(nested KVM is likely broken); use --device-accel auto or tcg. "
+                            f"Last console lines:\n{self.console_tail(20)}")
+        self.ctx.log(f"KVM does not work on this host ({reason}); using TCG (software emulation).")
+        self.console = ConsoleLog(self.console_path)
+        tcg = Choice(False, False, f"TCG (KVM probe failed: {reason})")
+        self._start(tcg)
+        return tcg
+
+    def _start(self, choice: Choice) -> Choice:
+        ctx = self.ctx
+        self.overlay.unlink(missing_ok=True)
+        create_overlay(ctx.base_image, self.overlay)
+        self.console_path.unlink(missing_ok=True)
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+
+        def spec_for(port: int) -> DomainSpec:
+            return DomainSpec(
+                name=self.name, kvm=choice.kvm, memory_mib=self.request.memory_mib, vcpus=self.request.vcpus,
+                overlay=self.overlay, seed=self.seed, console=self.console_path, ssh_port=port, mac=self.mac,
+                isolated=ctx.isolated, firmware=ctx.firmware, owner=ctx.owner, run_id=ctx.run_id,
+                created=created, nvram=self.dir / "VARS.fd")
+
+        self.dom, self.spec = start_domain(ctx.conn, spec_for, ports_lock=ctx.ports_lock,
+                                           base_image=ctx.base_image, autodestroy=not ctx.keep_vm)
+        self.ssh_port = self.spec.ssh_port
+        return choice
+
+    def wait_ready(self, since: int, deadline: float) -> None:
+        """Wait for the named readiness steps (see readiness.device_steps); fail fast, say why."""
+        ssh = self.ssh
+        assert ssh is not None
+        readiness = Readiness(
+            steps=device_steps(console=self.console, since=since, marker=ready_marker(self.instance_id),
+                               ssh_port=self.ssh_port,
+                               login=lambda: ssh.run("true", check=False, timeout=30).ok,
+                               run=lambda command: ssh.run(command, check=False, timeout=120),
+                               forward=ssh.forward_remote, host_forward=self.ctx.host_forward,
+                               redact=self.ctx.redact),
+            guards=device_guards(console=self.console, since=since, active=self.is_active,
+                                 redact=self.ctx.redact),
+            cancelled=self.cancelled)
+        try:
+            readiness.wait(deadline)
+        except Cancelled:
+            raise BootError(f"device VM {self.name}: the boot was cancelled.") from None
+        except TimedOut as exc:
+            raise BootError(f"device VM {self.name} was not ready in time ({exc.reason}; accel {self.accel}; "
+                            "raise --device-boot-timeout if the guest is just slow); "
+                            f"last 50 console lines:\n{self.console_tail()}") from None
+        except Failed as exc:
+            raise BootError(f"device VM {self.name}: {exc.reason}; "
+                            f"last console lines:\n{self.console_tail()}") from None
+
+    # -- what the handle reads -----------------------------------------------------------------------
+
+    def console_tail(self, lines: int = 50) -> str:
+        return self.ctx.redact(self.console.tail(lines))
+
+    def domain_xml(self) -> str:
+        if self.dom is not None:
+            with contextlib.suppress(Exception):  # the domain may be gone: fall back to what we sent
+                return str(self.dom.XMLDesc(0))
+        return render(self.spec) if self.spec else ""
+
+    def is_active(self) -> bool:
+        try:
+            return bool(self.dom is not None and self.dom.isActive())
+        except Exception:  # a vanished domain is simply not active
+            return False
+
+    # -- the end -------------------------------------------------------------------------------------
+
+    def keep(self) -> None:
+        """Mark files and domain as kept on purpose: the janitor spares them after this run."""
+        (self.dir / janitor.KEEP_FILE).touch()
+        if self.dom is not None and self.spec is not None:
+            mark_kept(self.dom, self.spec)
+
+    def _stop_domain(self) -> None:
+        if self.dom is not None:
+            destroy_domain(self.dom)
+            self.dom = None
+
+    def stop(self) -> None:
+        """Close SSH, stop the domain, remove the files, free the slot (whatever fails on the way)."""
+        try:
+            if self.ssh is not None:
+                self.ssh.close()
+        finally:
+            self._stop_domain()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self._slot is not None:
+                self._slot.release()
+                self._slot = None
