@@ -54,7 +54,7 @@ def make_artifact_zip(zip_path: Path, member: str, payload: Path | bytes, level:
     compression = zipfile.ZIP_STORED if level == 0 else zipfile.ZIP_DEFLATED
     with (
         zip_path.open("wb") as raw,
-        zipfile.ZipFile(_Unseekable(raw), "w", compression, compresslevel=level or None) as archive,  # type: ignore[arg-type]
+        zipfile.ZipFile(_Unseekable(raw), "w", compression, compresslevel=level or None) as archive,
         archive.open(member, "w", force_zip64=False) as out,
     ):
         if isinstance(payload, bytes):
@@ -124,6 +124,8 @@ class GitHubEmulator:
         self.drop_after: dict[int, int] = {}  # artifact id -> close the connection after N body bytes, once
         self.truncate_no_length: dict[int, int] = {}  # id -> no Content-Length, close after N bytes, once
         self.throttle: float | None = None  # blob bytes per second
+        self.expire_redirects: set[int] = set()  # ordinals (1 = first) of redirects that hand out expired URLs
+        self.ignore_range = False  # a blob host that answers every GET with the whole zip (200)
         self.api_log: list[tuple[str, str, bool]] = []  # (method, path, had Authorization)
         self.blob_log: list[BlobRequest] = []
         self.auth_leaks: list[str] = []
@@ -189,10 +191,17 @@ class GitHubEmulator:
     def blob_url(self) -> str:
         return f"http://127.0.0.1:{self.blob.server_address[1]}"
 
-    def sign(self, artifact_id: int) -> str:
-        expires = f"{time.time() + self.url_ttl:.3f}"
+    def sign(self, artifact_id: int, *, expired: bool = False) -> str:
+        expires = f"{time.time() + (-1.0 if expired else self.url_ttl):.3f}"
         sig = hmac.new(_SECRET, f"{artifact_id}:{expires}".encode(), "sha256").hexdigest()
         return f"{self.blob_url}/blob/{artifact_id}.zip?se={expires}&sig={sig}"
+
+    def body_requests(self, artifact: EmuArtifact) -> list[BlobRequest]:
+        """Blob GETs of this artifact for the body (whole, or resumed with bytes=N-), not ranged reads."""
+        return [r for r in self.blob_log if r.artifact_id == artifact.id and (r.range is None or r.range.endswith("-"))]
+
+    def body_bytes(self, artifact: EmuArtifact) -> int:
+        return sum(r.sent for r in self.body_requests(artifact))
 
     def full_downloads(self, artifact: EmuArtifact) -> int:
         """Blob GETs of this artifact that started at byte 0 and were answered with data."""
@@ -295,7 +304,8 @@ class _ApiHandler(_Handler):
             if "branch" in query:
                 runs = [r for r in runs if r.head_branch == query["branch"]]
             items = [{"id": r.id, "head_sha": r.head_sha, "head_branch": r.head_branch, "status": r.status,
-                      "conclusion": r.conclusion} for r in runs]
+                      "conclusion": r.conclusion, "html_url": f"https://github.com/{emu.repo}/actions/runs/{r.id}"}
+                     for r in runs]
             self.send_page(items, "workflow_runs", query, limits)
         elif match := re.fullmatch(r"/actions/runs/(\d+)/artifacts", rest):
             run_id = int(match.group(1))
@@ -318,7 +328,7 @@ class _ApiHandler(_Handler):
             else:
                 emu.redirects += 1
                 self.send_response(302)
-                self.send_header("Location", emu.sign(artifact.id))
+                self.send_header("Location", emu.sign(artifact.id, expired=emu.redirects in emu.expire_redirects))
                 self.send_header("Content-Length", "0")
                 for name, value in limits.items():
                     self.send_header(name, value)
@@ -373,32 +383,39 @@ class _BlobHandler(_Handler):
             self.send_json(403, {"message": "AuthenticationFailed: signed expiry time has passed"})
             return
         size = artifact.zip_path.stat().st_size
-        start = 0
-        if record.range:
-            found = re.fullmatch(r"bytes=(\d+)-", record.range)
-            if not found or int(found.group(1)) >= size:
+        start, end = 0, size - 1
+        if record.range and not emu.ignore_range:  # bytes=N-, bytes=N-M or bytes=-N (the last N bytes)
+            found = re.fullmatch(r"bytes=(\d*)-(\d*)", record.range)
+            first, last = (found.group(1), found.group(2)) if found else ("", "")
+            if first:
+                start, end = int(first), min(int(last), size - 1) if last else size - 1
+            elif last:
+                start = max(0, size - int(last))
+            if not found or not (first or last) or start >= size or start > end:
                 record.status = 416
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            start = int(found.group(1))
-        record.status = 206 if start else 200
-        limit = size - start
-        drop = emu.drop_after.pop(artifact.id, None)
-        no_length = emu.truncate_no_length.pop(artifact.id, None)
+        partial = start > 0 or end < size - 1 or bool(record.range and not record.range.endswith("-")
+                                                      and not emu.ignore_range)
+        record.status = 206 if partial else 200
+        limit = end - start + 1
+        body = record.range is None or record.range.endswith("-")  # faults hit the body, not ranged reads
+        drop = emu.drop_after.pop(artifact.id, None) if body else None
+        no_length = emu.truncate_no_length.pop(artifact.id, None) if body else None
         self.send_response(record.status)
         self.send_header("Content-Type", "application/zip")
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", f'"{artifact.digest}"')
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        if partial:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         if no_length is not None:
             self.send_header("Connection", "close")
             limit = min(limit, no_length)
         else:
-            self.send_header("Content-Length", str(size - start))
+            self.send_header("Content-Length", str(limit))
         if drop is not None:
             limit = min(limit, drop)
         self.end_headers()

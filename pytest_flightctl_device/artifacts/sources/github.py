@@ -20,8 +20,23 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from pytest_flightctl_device.artifacts.cache import Cache
-from pytest_flightctl_device.artifacts.sources.http import MeterFactory, Transfer, new_session, redact, redirect_target
-from pytest_flightctl_device.artifacts.sources.zipmember import extract_single
+from pytest_flightctl_device.artifacts.sources.http import (
+    FileSink,
+    MeterFactory,
+    Transfer,
+    fetch_range,
+    new_session,
+    redact,
+    redirect_target,
+)
+from pytest_flightctl_device.artifacts.sources.zipmember import (
+    TAIL,
+    MemberSink,
+    Plan,
+    check_room,
+    extract_single,
+    read_plan,
+)
 from pytest_flightctl_device.errors import ArtifactError, GitHubError
 from pytest_flightctl_device.settings import Settings
 
@@ -93,6 +108,16 @@ def _names(names: Iterable[str], shown: int = 5) -> str:
 def _unexpected(what: str, problem: str) -> GitHubError:
     return GitHubError(f"GitHub's answer for {what} has {problem}; check --device-github-api-url "
                        "(is it a GitHub API?) and try again.")
+
+
+def _commit_hash(value: object, what: str, field: str) -> str:
+    """A 40-hex commit hash from an API answer; GitHubError saying what came instead."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{40}", value):
+        return value.lower()
+    if value is None:
+        raise _unexpected(what, f"no {field}")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+    raise _unexpected(what, f"a {field} {shown} that is not a 40-hex commit hash")
 
 
 def _reset_time(response: requests.Response) -> str:
@@ -243,17 +268,12 @@ class GitHubClient:
     def pr_head_sha(self, number: int) -> str:
         data = self.json(f"/repos/{self.repo}/pulls/{number}", f"pull request #{number}")
         head = data.get("head") if isinstance(data, dict) else None
-        sha = head.get("sha") if isinstance(head, dict) else None
-        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
-            raise _unexpected(f"pull request #{number}", "no head.sha commit hash")
-        return sha
+        return _commit_hash(head.get("sha") if isinstance(head, dict) else None, f"pull request #{number}",
+                            "head.sha")
 
     def commit_sha(self, ref: str) -> str:
         data = self.json(f"/repos/{self.repo}/commits/{ref}", f"commit or branch {ref!r}")
-        sha = data.get("sha") if isinstance(data, dict) else None
-        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
-            raise _unexpected(f"commit {ref!r}", "no sha commit hash")
-        return sha
+        return _commit_hash(data.get("sha") if isinstance(data, dict) else None, f"commit {ref!r}", "sha")
 
     def runs(self, workflow: str, **filters: str) -> Iterator[dict[str, Any]]:
         """Runs of `workflow`, newest first."""
@@ -280,6 +300,15 @@ class GitHubClient:
                               "try again later.") from None
 
 
+def run_page(api_url: str, repo: str, run_id: int) -> str:
+    """The run's web page: github.com for api.github.com, the same host for GitHub Enterprise (/api/v3)."""
+    parts = urlsplit(api_url)
+    if parts.netloc == "api.github.com":
+        return f"https://github.com/{repo}/actions/runs/{run_id}"
+    base = parts.path.rstrip("/").removesuffix("/api/v3")
+    return f"{parts.scheme}://{parts.netloc}{base}/{repo}/actions/runs/{run_id}"
+
+
 class GitHubSource:
     """Resolves the run once per session and fetches its artifacts through the cache."""
 
@@ -294,6 +323,7 @@ class GitHubSource:
         self.say = say or (lambda _text: None)
         self._run_id: int | None = run
         self._artifacts: dict[int, list[Artifact]] = {}
+        self._urls: dict[int, object] = {}  # run id -> its html_url as the API listed it
 
     @classmethod
     def from_settings(cls, settings: Settings, cache: Cache,
@@ -328,18 +358,24 @@ class GitHubSource:
         else:
             raise GitHubError("no GitHub run, pull request or ref was given; give --device-github-run/pr/ref")
         seen = []
+        expired: Artifact | None = None
         for run in self.client.runs(self.workflow, **filters):
             run_id = run.get("id")
             if not _is_count(run_id) or run_id == 0:
                 raise _unexpected(f"runs of workflow {self.workflow}", "a run without a numeric id")
             assert isinstance(run_id, int)
             seen.append(f"{run_id} ({str(run.get('status'))[:20]}/{str(run.get('conclusion'))[:20]})")
-            if run.get("status") == "completed" and any(
-                not a.expired for a in self._matching(run_id, kind)
-            ):
+            if run.get("status") != "completed":
+                continue
+            matching = self._matching(run_id, kind)
+            if any(not a.expired for a in matching):
                 self._run_id = run_id
                 self.say(f"using run {self._run_id} of {self.workflow} for {where}")
                 return self._run_id
+            expired = expired or next((a for a in matching if a.expired), None)
+            self._urls.setdefault(run_id, run.get("html_url"))
+        if expired is not None:
+            raise self._expired(expired, where)
         found = f"runs seen: {', '.join(seen[:10])}" if seen else "no runs at all"
         raise GitHubError(
             f"no completed run of {self.workflow} in {self.client.repo} for {where} has an unexpired "
@@ -366,11 +402,21 @@ class GitHubSource:
             )
         artifact = matching[0]
         if artifact.expired:
-            raise GitHubError(
-                f"artifact {artifact.name} of run {run_id} expired at {artifact.expires_at}; re-run the "
-                "workflow or pick a newer run."
-            )
+            raise self._expired(artifact, None)
         return artifact
+
+    def _expired(self, artifact: Artifact, where: str | None) -> GitHubError:
+        """Which artifact of which run expired when, and how to get it back: re-run that run."""
+        url = self._urls.get(artifact.run_id)
+        if not (isinstance(url, str) and re.fullmatch(r"https?://[^\s]{1,300}", url)):
+            url = run_page(self.client.api_url, self.client.repo, artifact.run_id)
+        context = f", the newest completed run for {where}," if where else ""
+        return GitHubError(
+            f"artifact {artifact.name} of run {artifact.run_id}{context} expired at {artifact.expires_at} "
+            f"(workflow artifacts are kept for a short time only); re-run that run to build it again "
+            f"(`gh run rerun {artifact.run_id} --repo {self.client.repo}`, or \"Re-run all jobs\" at {url}), "
+            "then run the tests again."
+        )
 
     def key(self, artifact: Artifact) -> str:
         return f"github:{self.client.repo}:run:{artifact.run_id}:artifact:{artifact.id}"
@@ -382,7 +428,7 @@ class GitHubSource:
         label = f"{artifact.name} (run {artifact.run_id})"
 
         def produce(tmp: Path) -> str:
-            return download_member(self.client, artifact, self.cache.partial(key, "zip"), tmp, label,
+            return download_member(self.client, artifact, self.cache.partial(key, "member"), tmp, label,
                                    meter=meter)
 
         def waiting() -> None:
@@ -392,32 +438,94 @@ class GitHubSource:
                                  waiting=waiting)
 
 
-def download_member(client: GitHubClient, artifact: Artifact, zip_path: Path, dest: Path, label: str,
-                    *, meter: MeterFactory | None = None, blob: requests.Session | None = None,
-                    ) -> str:
-    """Download the artifact zip to `zip_path` (resuming a partial one), check its digest, extract.
+class SignedUrl:
+    """The artifact's signed blob URL: asked for once, asked again only by a user that found it stale."""
 
-    Returns the sha256 of the extracted file. A digest mismatch after resuming a partial zip
-    restarts once from zero; a mismatch on a fresh download is an error.
+    def __init__(self, client: GitHubClient, artifact: Artifact) -> None:
+        self.client = client
+        self.artifact = artifact
+        self._url: str | None = None
+
+    def user(self) -> Callable[[], str]:
+        """A url() for one user: its first call reuses the current URL, each later one gets a fresh one."""
+        calls = 0
+
+        def url() -> str:
+            nonlocal calls
+            calls += 1
+            if self._url is None or calls > 1:
+                self._url = self.client.download_url(self.artifact)
+            return self._url
+
+        return url
+
+
+def download_member(client: GitHubClient, artifact: Artifact, partial: Path, dest: Path, label: str,
+                    *, meter: MeterFactory | None = None) -> str:
+    """The artifact's one file into `dest` in one pass over its zip; returns the file's sha256.
+
+    The zip's central directory comes first (a ranged read of its tail); then the whole zip
+    streams by once through the GitHub digest while only the member is written to `partial`
+    (a later process resumes where a killed one stopped) and moved to `dest` once the digest,
+    sizes and CRC agree. A digest mismatch after resuming restarts once from zero. A blob host
+    that ignores Range gets the zip spooled to disk first, then extracted.
     """
-    for attempt in range(2):
-        resumed = zip_path.exists() and zip_path.stat().st_size > 0
-        with (blob or new_session()) as session:
-            transfer = Transfer(session, lambda: client.download_url(artifact), zip_path, label,
-                                expected_size=artifact.size or None, refreshable=True,
-                                trusted_partial=True, meter=meter, backoff=client.backoff)
-            digest = transfer.run()
-        if artifact.digest and digest != artifact.digest:
-            zip_path.unlink(missing_ok=True)
-            if resumed and attempt == 0:
-                continue
-            raise GitHubError(
-                f"{label}: the downloaded zip has sha256 {digest}, not the {artifact.digest} GitHub lists; "
-                "run again to download it afresh."
-            )
-        break
+    signed = SignedUrl(client, artifact)
+    spool = partial.with_suffix(".zip")
+    with new_session() as session:
+        for attempt in range(2):
+            resumed = any(path.exists() and path.stat().st_size > 0 for path in (partial, spool))
+            plan = _plan(session, signed, artifact, label, client.backoff)
+            sink: MemberSink | FileSink
+            if plan is None:
+                sink = FileSink(spool, trusted_partial=True)
+            else:
+                check_room(plan, partial.parent, label)
+                sink = MemberSink(plan, partial, label, resumable=True, identity=artifact.digest or str(artifact.id))
+            digest = Transfer(session, signed.user(), sink, label,
+                              expected_size=plan.total if plan else artifact.size or None, refreshable=True,
+                              meter=meter, backoff=client.backoff).run()
+            if artifact.digest and digest != artifact.digest:
+                for path in (partial, spool, sink.state):
+                    if path is not None:
+                        path.unlink(missing_ok=True)
+                if resumed and attempt == 0:
+                    continue
+                raise GitHubError(
+                    f"{label}: the downloaded zip has sha256 {digest}, not the {artifact.digest} GitHub lists; "
+                    "run again to download it afresh."
+                )
+            break
+    if isinstance(sink, FileSink):
+        try:
+            _name, member_digest = extract_single(spool, dest, label)
+        finally:
+            spool.unlink(missing_ok=True)
+        return member_digest
     try:
-        _name, member_digest = extract_single(zip_path, dest, label)
-    finally:
-        zip_path.unlink(missing_ok=True)
-    return member_digest
+        sink.verify()
+    except ArtifactError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, dest)
+    return sink.member_digest()
+
+
+def _plan(session: requests.Session, signed: SignedUrl, artifact: Artifact, label: str,
+          backoff: float) -> Plan | None:
+    """The zip's plan from ranged reads of its tail, or None when the blob host ignores Range."""
+    size = artifact.size or None
+    got = fetch_range(session, signed.user(), max(0, size - TAIL) if size else None, size - 1 if size else TAIL,
+                      label, refreshable=True, backoff=backoff)
+    if got is None:
+        return None
+    tail, start, total = got
+    if size and total != size:
+        raise GitHubError(f"{label}: GitHub lists the artifact's zip at {size} bytes but its blob holds {total}; "
+                          "run again later.")
+
+    def read(first: int, end: int) -> bytes:
+        more = fetch_range(session, signed.user(), first, end - 1, label, refreshable=True, backoff=backoff)
+        return more[0] if more else b""
+
+    return read_plan(tail, start, total, read, label)

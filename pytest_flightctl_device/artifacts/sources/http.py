@@ -1,14 +1,16 @@
-"""Resumable HTTP download to a file, hashing on the way; and the plain-URL source.
+"""Resumable HTTP download into a sink, hashing on the way; ranged reads; the plain-URL source.
 
-The body goes to disk in 1 MiB chunks (flat memory) while sha256 is computed, so the cache
-never reads the file a second time. After a dropped connection or a short body the transfer
-resumes with `Range: bytes=N-`, and only a 206 whose Content-Range starts at N is appended;
-anything else restarts from zero. Redirects are followed here, not by requests, and no
-request made by this module carries an Authorization header.
+A `Transfer` receives the body into reused 1 MiB buffers and hands every buffer to each of
+its sink's consumers, each on its own thread (writing, sha256, CRC32 ... all release the GIL,
+so a 2-core machine keeps up with curl), with flat memory. After a dropped connection or a short
+body it resumes with `Range: bytes=N-`, and only a 206 whose Content-Range starts at N is
+taken; anything else restarts the sink from zero. Redirects are followed here, not by
+requests, and no request made by this module carries an Authorization header.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import http.client
 import json
@@ -17,16 +19,17 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.core.atomic import write_atomic
 from pytest_flightctl_device.errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -34,8 +37,12 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 20
 MeterFactory = Callable[[str, "int | None"], "Meter"]
+Consumer = Callable[[memoryview, int], None]
+"""Takes the next bytes of the body and their offset in it; runs on its own thread."""
 _DROPS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
           http.client.HTTPException, ConnectionError, TimeoutError)
+_REDIRECTS = (301, 302, 303, 307, 308)
+_EXPIRED = (401, 403, 410)  # what a signed URL answers once it has expired
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -43,6 +50,40 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2) from libc, which Python's os module does not offer; None elsewhere."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    call.restype = ctypes.c_int
+    return call
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+class Writeback:
+    """Starts the kernel writing a growing file's dirty pages every STEP bytes (without waiting).
+
+    Otherwise a GiB sits dirty in RAM until the final fsync, which then writes it all while
+    everything waits; started early, the disk works while the download goes on.
+    """
+
+    STEP = 32 << 20
+
+    def __init__(self, fd: int, size: int = 0) -> None:
+        self.fd = fd
+        self.started = size
+
+    def wrote(self, size: int) -> None:
+        """The file is now `size` bytes long."""
+        if _SYNC_FILE_RANGE is not None and size - self.started >= self.STEP:
+            _SYNC_FILE_RANGE(self.fd, self.started, size - self.started, 2)  # SYNC_FILE_RANGE_WRITE
+            self.started = size
 
 
 def redact(url: str) -> str:
@@ -76,31 +117,243 @@ def new_session() -> requests.Session:
     return session
 
 
-class Expired(Exception):
-    """The URL stopped working in a way a fresh URL fixes (signed URL expired)."""
+def backoff_delay(failures: int, base: float, cap: float = 30.0) -> float:
+    """Seconds to wait before the next attempt after `failures` failures in a row (0 for the first)."""
+    return 0.0 if failures <= 0 else min(base * 2 ** (failures - 1), cap)
+
+
+class Sink(Protocol):
+    """Where a Transfer's body goes. `position` is the resume point: bytes of the body taken."""
+
+    position: int
+
+    def open(self) -> int:
+        """Prepare (resuming what a killed process left, if the sink can); returns `position`."""
+
+    def restart(self) -> None:
+        """Forget everything taken so far: the body starts again at byte 0."""
+
+    def before(self, view: memoryview, offset: int) -> None:
+        """Called on the receiving thread with each buffer before any consumer sees it."""
+
+    def consumers(self) -> Sequence[Consumer]:
+        """Each gets every buffer, in order, on a thread of its own."""
+
+    def validator(self) -> str:
+        """An ETag/Last-Modified remembered by `started` for If-Range, or ""."""
+
+    def started(self, response: requests.Response) -> None:
+        """A body starts at byte 0 with this response."""
+
+    def finish(self) -> str:
+        """The complete body was taken; returns its sha256 hex."""
+
+    def close(self) -> None:
+        """Release files (also after an error)."""
+
+
+class FileSink:
+    """The body as a file, sha256 on the way; resumable across processes by its validator."""
+
+    def __init__(self, dest: Path, *, trusted_partial: bool = False) -> None:
+        self.dest = dest
+        self.trusted_partial = trusted_partial
+        self.state = dest.with_name(dest.name + ".json")
+        self.hasher = hashlib.sha256()
+        self.position = 0
+        self._fd: int | None = None
+        self._size = 0
+        self._writeback: Writeback | None = None
+
+    def open(self) -> int:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        usable = self.dest.exists() and (self.trusted_partial or bool(self.validator()))
+        if not usable:
+            self.state.unlink(missing_ok=True)
+        self._fd = os.open(self.dest, os.O_RDWR | os.O_CREAT | (0 if usable else os.O_TRUNC), 0o644)
+        self.position = 0
+        while usable and (chunk := os.read(self._fd, CHUNK)):  # a killed process left this: hash it
+            self.hasher.update(chunk)
+            self.position += len(chunk)
+        self._size = self.position
+        self._writeback = Writeback(self._fd, self._size)
+        return self.position
+
+    def restart(self) -> None:
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self.hasher, self.position, self._size = hashlib.sha256(), 0, 0
+        self._writeback = Writeback(self._fd)
+
+    def before(self, view: memoryview, offset: int) -> None:
+        self.position = offset + len(view)
+
+    def consumers(self) -> Sequence[Consumer]:
+        return (self._write, self._hash)
+
+    def _write(self, view: memoryview, _offset: int) -> None:
+        assert self._fd is not None and self._writeback is not None
+        write_all(self._fd, view)
+        self._size += len(view)
+        self._writeback.wrote(self._size)
+
+    def _hash(self, view: memoryview, _offset: int) -> None:
+        self.hasher.update(view)
+
+    def validator(self) -> str:
+        try:
+            data = json.loads(self.state.read_text())
+        except (OSError, ValueError):
+            return ""
+        value = data.get("validator") if isinstance(data, dict) else None
+        return value if isinstance(value, str) else ""
+
+    def started(self, response: requests.Response) -> None:
+        """Remember the validator (ETag, else Last-Modified) so a later process may resume safely."""
+        value = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
+        if value.startswith("W/"):
+            value = ""  # weak validators may not be used with If-Range
+        write_atomic(self.state, json.dumps({"validator": value}))
+
+    def finish(self) -> str:
+        self.close()
+        self.state.unlink(missing_ok=True)
+        return self.hasher.hexdigest()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _FanOut:
+    """Receive into reused buffers on this thread; every consumer reads each buffer on its own thread.
+
+    A buffer goes back to the free list when the last consumer is done with it, so memory is
+    BUFFERS x SIZE whatever the body's size, and a slow consumer slows the socket, not RAM.
+    """
+
+    BUFFERS = 16
+    SIZE = 1 << 20
+
+    def __init__(self, sink: Sink, label: str) -> None:
+        self.sink = sink
+        self.label = label
+        self.consumers = list(sink.consumers())
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(self.BUFFERS):
+            self.free.put(bytearray(self.SIZE))
+        self.queues: list[queue.SimpleQueue[tuple[bytearray, int, int, list[int]] | None]] = [
+            queue.SimpleQueue() for _ in self.consumers]
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def _work(self, consume: Consumer, inbox: queue.SimpleQueue[tuple[bytearray, int, int, list[int]] | None],
+              ) -> None:
+        while (item := inbox.get()) is not None:
+            buffer, count, offset, readers = item
+            if self.error is None:
+                try:
+                    consume(memoryview(buffer)[:count], offset)
+                except BaseException as exc:  # handed to the receiving thread, which raises it
+                    with self.lock:
+                        self.error = self.error or exc
+            with self.lock:
+                readers[0] -= 1
+                last = readers[0] == 0
+            if last:
+                self.free.put(buffer)
+
+    def _dispatch(self, buffer: bytearray, count: int, offset: int) -> None:
+        self.sink.before(memoryview(buffer)[:count], offset)
+        readers = [len(self.queues)]
+        for inbox in self.queues:
+            inbox.put((buffer, count, offset, readers))
+
+    def run(self, raw: Any, have: int, meter: Meter | None) -> int:
+        """Pump `raw` (anything with readinto) to its end; returns the new offset. Drops re-raise."""
+        threads = [threading.Thread(target=self._work, args=pair, daemon=True)
+                   for pair in zip(self.consumers, self.queues, strict=True)]
+        for thread in threads:
+            thread.start()
+        dropped: BaseException | None = None
+        try:
+            while self.error is None:
+                buffer = self.free.get()
+                view = memoryview(buffer)
+                count = 0
+                eof = False
+                try:
+                    while count < self.SIZE:  # hand over every MiB: a killed process keeps what it got
+                        got = raw.readinto(view[count:])  # fills the slice unless the body ends
+                        if not got:
+                            eof = True
+                            break
+                        count += got
+                except _DROPS as exc:  # keep what arrived before the drop, then resume after it
+                    dropped, eof = exc, True
+                if count:
+                    self._dispatch(buffer, count, have)
+                    have += count
+                    if meter:
+                        meter.advance(count)
+                else:
+                    self.free.put(buffer)
+                if eof:
+                    break
+        finally:
+            for inbox in self.queues:
+                inbox.put(None)
+            for thread in threads:
+                thread.join()
+        if isinstance(self.error, OSError):
+            raise ArtifactError(f"{self.label}: cannot write the download ({self.error.strerror or self.error}); "
+                                "free some disk space and run again.") from None
+        if self.error is not None:
+            raise self.error
+        if dropped is not None:
+            raise dropped
+        return have
+
+
+def pump(sink: Sink, raw: Any, label: str, have: int = 0, meter: Meter | None = None) -> int:
+    """Feed everything `raw` yields into `sink` through its consumers (also for local files)."""
+    return _FanOut(sink, label).run(raw, have, meter)
 
 
 @dataclass
 class Transfer:
-    """One download into `dest`, resumable across drops and across processes."""
+    """One download into a sink, resumable across drops (and across processes, as the sink allows)."""
 
     session: requests.Session
     url: Callable[[], str]
-    dest: Path
+    sink: Sink
     label: str
     expected_size: int | None = None
     refreshable: bool = False
     meter: MeterFactory | None = None
     attempts: int = 6
     backoff: float = 0.5
-    trusted_partial: bool = False
     timeout: tuple[float, float] = (15.0, 60.0)
     requests_made: int = field(default=0, init=False)
 
     def run(self) -> str:
-        """Download to `dest`; returns the sha256 hex of the complete file."""
-        state = self.dest.with_name(self.dest.name + ".json")
-        hasher, have = self._resume_point(state)
+        """Download the whole body into the sink; returns the sha256 hex of the body."""
+        try:
+            return self._run()
+        finally:
+            self.sink.close()
+
+    def _restart(self) -> int:
+        self.sink.restart()
+        return 0
+
+    def _run(self) -> str:
+        sink = self.sink
+        have = sink.open()
+        if self.expected_size is not None and have > self.expected_size:
+            have = self._restart()
         meter = self.meter(self.label, self.expected_size) if self.meter else None
         if meter:
             meter.start(have)
@@ -116,13 +369,12 @@ class Transfer:
                     f"{self.label}: download from {redact(url)} failed {failures} times in a row; "
                     "check the network or the server and run again (the partial file is kept)."
                 )
-            if failures:
-                time.sleep(min(self.backoff * 2 ** (failures - 1), 30.0))
+            time.sleep(backoff_delay(failures, self.backoff))
             if stale:  # ask for a fresh signed URL only now, after the back-off, so it is still valid
                 url, stale = self.url(), False
             headers = {"Range": f"bytes={have}-"} if have else {}
-            validator = _read_state(state).get("validator")
-            if have and validator and not self.refreshable:
+            validator = sink.validator() if have and not self.refreshable else ""
+            if validator:
                 headers["If-Range"] = validator
             try:
                 self.requests_made += 1
@@ -130,19 +382,20 @@ class Transfer:
                                             allow_redirects=False)
             except _DROPS:
                 failures += 1
+                stale = self.refreshable  # a signed URL may expire while we back off: ask for a fresh one
                 continue
             except (requests.RequestException, ValueError) as exc:  # a URL requests cannot fetch
                 raise ArtifactError(f"{self.label}: cannot download from {redact(url)} "
                                     f"({type(exc).__name__}); check the URL.") from None
             with response:
                 status = response.status_code
-                if status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                if status in _REDIRECTS and "Location" in response.headers:
                     hops += 1
                     if hops > 10:
                         raise ArtifactError(f"{self.label}: {redact(url)} redirects in a loop; fix the URL.")
                     url = redirect_target(url, response.headers["Location"], self.label)
                     continue
-                if status in (401, 403, 410) and self.refreshable:
+                if status in _EXPIRED and self.refreshable:
                     stale = True  # the signed URL expired: a fresh one, then resume
                     failures += 1
                     continue
@@ -150,7 +403,7 @@ class Transfer:
                     failures += 1
                     continue
                 if status == 416 and have:
-                    hasher, have = self._restart()
+                    have = self._restart()
                     continue
                 if status not in (200, 206):
                     raise ArtifactError(
@@ -158,23 +411,24 @@ class Transfer:
                         "reachable from this host."
                     )
                 if status == 206 and not _range_starts_at(response, have):
-                    hasher, have = self._restart()
+                    have = self._restart()
                     failures += 1
                     continue
                 if status == 200 and have:
-                    hasher, have = self._restart()  # the server ignored Range (or If-Range failed)
+                    have = self._restart()  # the server ignored Range (or If-Range failed)
                 if not have:
-                    _write_state(state, response)
+                    sink.started(response)
                 length = response.headers.get("Content-Length")
                 if self.expected_size is None and status == 200 and length and length.isdigit():
                     self.expected_size = int(length)
                     if meter:
                         meter.total = self.expected_size
                 try:
-                    have = self._append(response, hasher, have, meter)
+                    have = self._append(response, have, meter)
                 except _DROPS:
-                    have = self.dest.stat().st_size
+                    have = sink.position
                     best, failures = (have, 0) if have > best else (best, failures + 1)
+                    stale = self.refreshable
                     continue
                 except requests.RequestException as exc:  # e.g. a Content-Encoding it cannot decode
                     self._restart()
@@ -183,126 +437,98 @@ class Transfer:
                 if self.expected_size is None:
                     break  # no size known: the end of the body is the end of the file
                 best, failures = (have, 0) if have > best else (best, failures + 1)
+                stale = self.refreshable and have < self.expected_size  # a short body is a drop too
         if self.expected_size is not None and have > self.expected_size:
             self._restart()
             raise ArtifactError(
                 f"{self.label}: received {have} bytes, more than the {self.expected_size} announced; "
                 "run again to download it afresh."
             )
+        digest = sink.finish()
         if meter:
             meter.finish()
-        state.unlink(missing_ok=True)
-        return hasher.hexdigest()
+        return digest
 
-    def _resume_point(self, state: Path) -> tuple[hashlib._Hash, int]:
-        hasher = hashlib.sha256()
-        if not self.dest.exists():
-            state.unlink(missing_ok=True)
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            self.dest.write_bytes(b"")
-            return hasher, 0
-        usable = self.trusted_partial or bool(_read_state(state).get("validator"))
-        size = self.dest.stat().st_size
-        if not usable or (self.expected_size is not None and size > self.expected_size):
-            return self._restart()
-        with self.dest.open("rb") as handle:  # a killed process left this: hash it and go on
-            while chunk := handle.read(CHUNK):
-                hasher.update(chunk)
-        return hasher, size
-
-    def _restart(self) -> tuple[hashlib._Hash, int]:
-        with self.dest.open("wb"):
-            pass
-        return hashlib.sha256(), 0
-
-    def _append(self, response: requests.Response, hasher: hashlib._Hash, have: int,
-                meter: Meter | None) -> int:
-        """Append the body to `dest`; returns the new size. Drops raise one of _DROPS."""
+    def _append(self, response: requests.Response, have: int, meter: Meter | None) -> int:
+        """Take the body into the sink; returns the new offset. Drops raise one of _DROPS."""
         raw = getattr(response.raw, "_fp", None)  # the http.client response under urllib3
         encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
         if raw is None or encoded or not hasattr(raw, "readinto"):
-            return self._append_slow(response, hasher, have, meter)
-        return _Pipeline(self.dest, hasher).run(raw, have, meter)
-
-    def _append_slow(self, response: requests.Response, hasher: hashlib._Hash, have: int,
-                     meter: Meter | None) -> int:
-        fd = os.open(self.dest, os.O_WRONLY | os.O_APPEND)
-        try:
-            for chunk in response.iter_content(CHUNK):
-                write_all(fd, chunk)
-                hasher.update(chunk)
-                have += len(chunk)
-                if meter:
-                    meter.advance(len(chunk))
-        finally:
-            os.close(fd)
-        return have
+            return pump(self.sink, _Chunks(response), self.label, have, meter)
+        return pump(self.sink, raw, self.label, have, meter)
 
 
-class _Pipeline:
-    """Receive into reused buffers on this thread; write and hash on another (both release the GIL).
+class _Chunks:
+    """readinto() over requests' decoded iterator (a body with a Content-Encoding)."""
 
-    Receiving with readinto() into preallocated buffers avoids a fresh bytes object per chunk,
-    and overlapping the socket with disk and sha256 lets a 2-core machine keep up with curl.
+    def __init__(self, response: requests.Response) -> None:
+        self.chunks = response.iter_content(CHUNK)
+        self.left = b""
+
+    def readinto(self, view: memoryview) -> int:
+        if not self.left:
+            self.left = next(self.chunks, b"")
+        count = min(len(view), len(self.left))
+        view[:count] = self.left[:count]
+        self.left = self.left[count:]
+        return count
+
+
+def fetch_range(session: requests.Session, url: Callable[[], str], start: int | None, end: int, label: str,
+                *, refreshable: bool = False, attempts: int = 6, backoff: float = 0.5,
+                timeout: tuple[float, float] = (15.0, 60.0)) -> tuple[bytes, int, int] | None:
+    """Bytes `start`..`end` (inclusive) of the body, or its last `end` bytes when `start` is None.
+
+    Returns (data, offset of data, total size from Content-Range), or None when the server
+    ignores Range (answers 200). Retries drops and 5xx; a fresh URL after 401/403/410 when
+    `refreshable`.
     """
-
-    BUFFERS = 8
-    SIZE = 1 << 20
-    FLUSH = SIZE
-
-    def __init__(self, dest: Path, hasher: hashlib._Hash) -> None:
-        self.dest = dest
-        self.hasher = hasher
-        self.full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
-        self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(self.BUFFERS):
-            self.free.put(bytearray(self.SIZE))
-        self.error: BaseException | None = None
-
-    def _sink(self, fd: int) -> None:
-        while (item := self.full.get()) is not None:
-            buffer, count = item
-            if self.error is None:
-                try:
-                    view = memoryview(buffer)[:count]
-                    write_all(fd, view)
-                    self.hasher.update(view)
-                except OSError as exc:
-                    self.error = exc
-            self.free.put(buffer)
-
-    def run(self, raw: Any, have: int, meter: Meter | None) -> int:
-        fd = os.open(self.dest, os.O_WRONLY | os.O_APPEND)
-        sink = threading.Thread(target=self._sink, args=(fd,), daemon=True)
-        sink.start()
+    wanted = f"bytes={start}-{end}" if start is not None else f"bytes=-{end}"
+    limit = end - start + 1 if start is not None else end
+    current = url()
+    failures = 0
+    while failures < attempts:
+        time.sleep(backoff_delay(failures, backoff))
         try:
-            while self.error is None:
-                buffer = self.free.get()
-                view = memoryview(buffer)
-                count = 0
-                eof = False
-                while count < self.FLUSH:  # hand over every MiB: a killed process keeps what it got
-                    got = raw.readinto(view[count:])  # fills the slice unless the body ends
-                    if not got:
-                        eof = True
-                        break
-                    count += got
-                if count:
-                    self.full.put((buffer, count))
-                    have += count
-                    if meter:
-                        meter.advance(count)
-                else:
-                    self.free.put(buffer)
-                if eof:
-                    break
-        finally:
-            self.full.put(None)
-            sink.join()
-            os.close(fd)
-        if self.error is not None:
-            raise ArtifactError(f"cannot write {self.dest} ({self.error}); free some disk space and run again.")
-        return have
+            response = session.get(current, headers={"Range": wanted}, stream=True, timeout=timeout,
+                                   allow_redirects=False)
+        except _DROPS:
+            failures += 1
+            continue
+        except (requests.RequestException, ValueError) as exc:
+            raise ArtifactError(f"{label}: cannot download from {redact(current)} ({type(exc).__name__}); "
+                                "check the URL.") from None
+        with response:
+            status = response.status_code
+            if status == 200:
+                return None
+            if status in _EXPIRED and refreshable:
+                failures += 1
+                current = url()
+                continue
+            if status == 429 or status >= 500:
+                failures += 1
+                continue
+            if status != 206:
+                raise ArtifactError(f"{label}: {redact(current)} answered HTTP {status} to a ranged read; "
+                                    "check the URL and that it is reachable from this host.")
+            found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("Content-Range", "").strip())
+            first, last, total = (int(found.group(n)) for n in (1, 2, 3)) if found else (0, -1, -1)
+            if found is None or last < first or last >= total or last - first + 1 > limit or (
+                    start is not None and first != start):
+                raise ArtifactError(f"{label}: {redact(current)} answered a ranged read with a Content-Range "
+                                    "that does not match the request; check the server.")
+            try:
+                data = response.raw.read(last - first + 2, decode_content=False)
+            except _DROPS:
+                failures += 1
+                continue
+            if len(data) != last - first + 1:
+                failures += 1  # a short (dropped) or overlong body: ask again
+                continue
+            return data, first, total
+    raise ArtifactError(f"{label}: a ranged read from {redact(current)} failed {failures} times in a row; "
+                        "check the network or the server and run again.")
 
 
 def redirect_target(url: str, location: str, label: str) -> str:
@@ -323,22 +549,6 @@ def _range_starts_at(response: requests.Response, start: int) -> bool:
     return match is not None and int(match.group(1)) == start
 
 
-def _read_state(state: Path) -> dict[str, str]:
-    try:
-        data = json.loads(state.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_state(state: Path, response: requests.Response) -> None:
-    """Remember the validator (ETag, else Last-Modified) so a later process may resume safely."""
-    validator = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
-    if validator.startswith("W/"):
-        validator = ""  # weak validators may not be used with If-Range
-    state.write_text(json.dumps({"validator": validator}))
-
-
 def fetch_url(url: str, cache: Cache, *, kind: str, sha256: str | None,
               meter: MeterFactory | None = None, say: Callable[[str], None] | None = None) -> Path:
     """An http(s) URL downloaded once into the cache (keyed by the URL), verified as `kind`."""
@@ -349,7 +559,7 @@ def fetch_url(url: str, cache: Cache, *, kind: str, sha256: str | None,
     def produce(tmp: Path) -> str:
         partial = cache.partial(key)
         with new_session() as session:
-            digest = Transfer(session, lambda: url, partial, label, meter=meter).run()
+            digest = Transfer(session, lambda: url, FileSink(partial), label, meter=meter).run()
         os.replace(partial, tmp)
         return digest
 
