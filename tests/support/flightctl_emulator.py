@@ -175,6 +175,17 @@ def label_matcher(selector: str) -> Callable[[dict[str, str]], bool]:
     return matches
 
 
+def field_matcher(selector: str) -> Callable[[str], bool]:
+    """The one field selector these flows need: metadata.name=X / ==X / !=X, comma-joined (AND)."""
+    tests: list[tuple[bool, str]] = []
+    for part in (p.strip() for p in selector.split(",") if p.strip()):
+        match = re.fullmatch(r"metadata\.name\s*(==|=|!=)\s*(\S+)", part)
+        if match is None:
+            raise _Reply(400, f"unknown or unsupported field selector {part!r} (the emulator knows metadata.name)")
+        tests.append((match.group(1) != "!=", match.group(2)))
+    return lambda name: all((name == value) is wanted for wanted, value in tests)
+
+
 def _pointer(path: str) -> list[str]:
     if not path.startswith("/"):
         raise _Reply(400, f"invalid JSON pointer {path!r}")
@@ -579,9 +590,10 @@ class FlightctlEmulator:
     def _list(self, kind: str, store: dict[str, dict[str, Any]], query: dict[str, list[str]]) -> dict[str, Any]:
         selector = (query.get("labelSelector") or [""])[0]
         matches = label_matcher(selector) if selector else (lambda _labels: True)
+        names = field_matcher((query.get("fieldSelector") or [""])[0])
         with self._lock:
-            items = [copy.deepcopy(o) for _, o in sorted(store.items())
-                     if matches(o["metadata"].get("labels") or {})]
+            items = [_public(o) for _, o in sorted(store.items())
+                     if matches(o["metadata"].get("labels") or {}) and names(o["metadata"]["name"])]
         return {"apiVersion": API_VERSION, "kind": kind, "metadata": {}, "items": items}
 
     def _get_er(self, name: str) -> tuple[int, Any]:
@@ -652,7 +664,7 @@ class FlightctlEmulator:
         with self._lock:
             if name not in self._devices:
                 raise _Reply(404, f'Device of name "{name}" not found')
-            return copy.deepcopy(self._devices[name])
+            return _public(self._devices[name])
 
     def _replace_device(self, name: str, body: Any) -> tuple[int, Any]:
         _validate(Device, body, "Device")
@@ -667,7 +679,7 @@ class FlightctlEmulator:
                 device = self._new_device(name, body["metadata"].get("labels") or {}, None,
                                           body.get("spec"), lifecycle="Unknown")
                 self._devices[name] = device
-                return 201, copy.deepcopy(device)
+                return 201, _public(device)
             incoming_rv = body["metadata"].get("resourceVersion")
             if incoming_rv is not None and incoming_rv != current["metadata"].get("resourceVersion"):
                 raise _Reply(409, CONFLICT_MESSAGE)
@@ -676,7 +688,7 @@ class FlightctlEmulator:
                 current["metadata"]["labels"] = dict(body["metadata"]["labels"])
             self._service_side_status(current)
             self._bump(current)
-            return 200, copy.deepcopy(current)
+            return 200, _public(current)
 
     def _set_spec(self, device: dict[str, Any], spec: Any) -> None:
         if spec is None or spec == device.get("spec"):
@@ -701,7 +713,7 @@ class FlightctlEmulator:
             current["metadata"]["labels"] = patched["metadata"].get("labels") or {}
             self._service_side_status(current)
             self._bump(current)
-            return 200, copy.deepcopy(current)
+            return 200, _public(current)
 
     def _delete_device(self, name: str) -> tuple[int, Any]:
         with self._lock:
@@ -725,7 +737,7 @@ class FlightctlEmulator:
             current["status"] = status
             self._service_side_status(current)
             self._bump(current)
-            return 200, copy.deepcopy(current)
+            return 200, _public(current)
 
     def _get_rendered(self, name: str, query: dict[str, list[str]]) -> tuple[int, Any]:
         known = next(iter(query.get("knownRenderedVersion") or []), None)
@@ -742,6 +754,15 @@ class FlightctlEmulator:
                 if left <= 0 or self._stopping:
                     return 204, None
                 self._lock.wait(left)
+
+
+def _public(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy as the API returns it: status.lastSeen is kept by the service but "not returned by the
+    API" (upstream's spec); upstream serves it at /devices/{name}/lastseen instead."""
+    out = copy.deepcopy(obj)
+    if isinstance(out.get("status"), dict):
+        out["status"].pop("lastSeen", None)
+    return out
 
 
 _RESPONSE_MODELS: dict[str, type[BaseModel]] = {
