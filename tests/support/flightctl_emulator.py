@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime as dt
-import hashlib
 import hmac
-import ipaddress
 import json
-import re
 import secrets
 import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,22 +34,16 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flightctl.models.device import Device
-from flightctl.models.device_list import DeviceList
 from flightctl.models.enrollment_request import EnrollmentRequest
 from flightctl.models.enrollment_request_approval import EnrollmentRequestApproval
-from flightctl.models.enrollment_request_approval_status import EnrollmentRequestApprovalStatus
-from flightctl.models.enrollment_request_list import EnrollmentRequestList
 from flightctl.models.patch_request_inner import PatchRequestInner
-from flightctl.models.status import Status
-from flightctl.models.version import Version
-from pydantic import BaseModel, ValidationError
 
-API_VERSION = "flightctl.io/v1beta1"
+from tests.support.flightctl_fake.pki import ScratchCA, csr_public_key
+from tests.support.flightctl_fake.query import apply_json_patch, field_matcher, label_matcher
+from tests.support.flightctl_fake.schema import check_response, validate
+from tests.support.flightctl_fake.status import API_VERSION, Reply, now_iso, status_body
+
 RENDERED_VERSION = "device-controller/renderedVersion"
 ENROLLMENT_CN = "client-enrollment"
 APPROVER = "emulator-admin"
@@ -75,233 +65,6 @@ class Recorded:
     status: int
     identity: str  # "token", "no-token", "bad-token", or the client certificate's CN
     body: Any = field(default=None, repr=False)
-
-
-class _Reply(Exception):
-    """An early answer: a Status body with `code`."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def status_body(code: int, message: str) -> dict[str, Any]:
-    """Upstream's Status body (api/core/v1beta1/error.go): Reason is the HTTP status text."""
-    from http import HTTPStatus
-    return {"apiVersion": API_VERSION, "kind": "Status", "status": "Success" if code < 400 else "Failure",
-            "code": code, "reason": HTTPStatus(code).phrase, "message": message}
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def device_name_for(public_key: ec.EllipticCurvePublicKey) -> str:
-    """Upstream's device name: lower base32hex, no padding, of sha256(X.Bytes() || Y.Bytes())."""
-    numbers = public_key.public_numbers()
-
-    def go_bytes(value: int) -> bytes:  # Go's big.Int.Bytes(): big-endian, no leading zeros
-        return value.to_bytes((value.bit_length() + 7) // 8, "big")
-
-    digest = hashlib.sha256(go_bytes(numbers.x) + go_bytes(numbers.y)).digest()
-    return base64.b32hexencode(digest).decode("ascii").rstrip("=").lower()
-
-
-# --- schema checks ---------------------------------------------------------------------------
-
-
-def _validate(model: type[BaseModel], body: Any, what: str) -> None:
-    """`body` must parse with the client's model and carry no key the model does not know."""
-    if not isinstance(body, dict):
-        raise _Reply(400, f"{what}: expected a JSON object")
-    try:
-        parsed = model.from_dict(body)  # type: ignore[attr-defined]
-    except (ValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise _Reply(400, f"{what}: " + " ".join(str(exc).splitlines()[:3])) from None
-    unknown = list(_unknown_keys(body, parsed.to_dict(), ""))
-    if unknown:
-        raise _Reply(400, f"{what}: unknown field(s) {', '.join(unknown)}")
-
-
-def _unknown_keys(given: Any, known: Any, where: str) -> Iterator[str]:
-    if isinstance(given, dict) and isinstance(known, dict):
-        for key, value in given.items():
-            if value is None:
-                continue
-            if key not in known:
-                yield f"{where}.{key}".lstrip(".")
-            else:
-                yield from _unknown_keys(value, known[key], f"{where}.{key}")
-    elif isinstance(given, list) and isinstance(known, list):
-        for index, (a, b) in enumerate(zip(given, known, strict=False)):
-            yield from _unknown_keys(a, b, f"{where}[{index}]")
-
-
-# --- label selectors and JSON patch ------------------------------------------------------------
-
-
-_REQ = re.compile(r"^\s*(!?)\s*([A-Za-z0-9._/-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*)"
-                  r"|\s+(in|notin)\s*\(([^)]*)\))?\s*$")
-
-
-def label_matcher(selector: str) -> Callable[[dict[str, str]], bool]:
-    """Kubernetes-style label selector: k=v, k==v, k!=v, k, !k, k in (a,b), k notin (a,b)."""
-    parts = [p for p in re.split(r",(?![^()]*\))", selector) if p.strip()]
-    requirements: list[tuple[str, str, set[str]]] = []
-    for part in parts:
-        match = _REQ.match(part)
-        if match is None:
-            raise _Reply(400, f"failed to parse label selector {selector!r}")
-        neg, key, op, value, set_op, values = match.groups()
-        if neg and (op or set_op):
-            raise _Reply(400, f"failed to parse label selector {selector!r}")
-        if op:
-            requirements.append(("!=" if op == "!=" else "=", key, {value}))
-        elif set_op:
-            requirements.append((set_op, key, {v.strip() for v in values.split(",") if v.strip()}))
-        else:
-            requirements.append(("!exists" if neg else "exists", key, set()))
-
-    def matches(labels: dict[str, str]) -> bool:
-        for op, key, values in requirements:
-            value = labels.get(key)
-            ok = {"=": value in values, "in": value in values, "!=": value not in values,
-                  "notin": value not in values, "exists": key in labels, "!exists": key not in labels}[op]
-            if not ok:
-                return False
-        return True
-
-    return matches
-
-
-def field_matcher(selector: str) -> Callable[[str], bool]:
-    """The one field selector these flows need: metadata.name=X / ==X / !=X, comma-joined (AND)."""
-    tests: list[tuple[bool, str]] = []
-    for part in (p.strip() for p in selector.split(",") if p.strip()):
-        match = re.fullmatch(r"metadata\.name\s*(==|=|!=)\s*(\S+)", part)
-        if match is None:
-            raise _Reply(400, f"unknown or unsupported field selector {part!r} (the emulator knows metadata.name)")
-        tests.append((match.group(1) != "!=", match.group(2)))
-    return lambda name: all((name == value) is wanted for wanted, value in tests)
-
-
-def _pointer(path: str) -> list[str]:
-    if not path.startswith("/"):
-        raise _Reply(400, f"invalid JSON pointer {path!r}")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _walk(doc: Any, parts: list[str]) -> Any:
-    for part in parts:
-        if isinstance(doc, list):
-            doc = doc[int(part)]
-        elif isinstance(doc, dict):
-            doc = doc[part]
-        else:
-            raise KeyError(part)
-    return doc
-
-
-def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """RFC 6902 add/remove/replace/test on a copy; upstream lets only metadata.labels and spec change."""
-    out = copy.deepcopy(doc)
-    for op in ops:
-        parts = _pointer(op["path"])
-        if not (parts[:2] == ["metadata", "labels"] or parts[:1] == ["spec"]):
-            raise _Reply(400, "metadata.labels and spec are the only fields that can be patched")
-        try:
-            parent = _walk(out, parts[:-1])
-            last = parts[-1]
-            kind = op["op"]
-            if kind == "test":
-                if _walk(out, parts) != op.get("value"):
-                    raise _Reply(400, f"test operation failed at {op['path']}")
-            elif kind in ("add", "replace"):
-                if isinstance(parent, list):
-                    index = len(parent) if last == "-" else int(last)
-                    if kind == "add":
-                        parent.insert(index, op.get("value"))
-                    else:
-                        parent[index] = op.get("value")
-                else:
-                    if kind == "replace" and last not in parent:
-                        raise KeyError(last)
-                    parent[last] = op.get("value")
-            elif kind == "remove":
-                if isinstance(parent, list):
-                    del parent[int(last)]
-                else:
-                    del parent[last]
-            else:
-                raise _Reply(400, f"unsupported patch operation {kind!r}")
-        except (KeyError, IndexError, ValueError, TypeError):
-            raise _Reply(400, f"patch path {op['path']} does not exist") from None
-    return out
-
-
-# --- certificates --------------------------------------------------------------------------------
-
-
-class ScratchCA:
-    """A one-day test CA: the server certificate, the enrollment certificate, device certificates."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flightctl-emulator-ca")])
-        self.name = name
-        self.cert = (self._builder(name, self.key.public_key(), days=1)
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                     .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                  content_commitment=False, key_encipherment=False,
-                                                  data_encipherment=False, key_agreement=False,
-                                                  encipher_only=False, decipher_only=False), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def _builder(self, subject: x509.Name, public_key: Any, *, days: int) -> x509.CertificateBuilder:
-        start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name)
-                .public_key(public_key).serial_number(x509.random_serial_number())
-                .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days)))
-
-    def issue(self, cn: str, public_key: Any, *, server: bool = False) -> bytes:
-        builder = (self._builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), public_key, days=1)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
-        if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            usage = ExtendedKeyUsageOID.SERVER_AUTH
-        else:
-            usage = ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-    def keypair(self, cn: str, *, server: bool = False) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                    serialization.NoEncryption())
-        return self.issue(cn, key.public_key(), server=server), key_pem
-
-
-def _csr_public_key(er_name: str, csr_pem: str) -> ec.EllipticCurvePublicKey:
-    """Parse the CSR like upstream's signer: well-formed, self-signed, CN equal to the ER's name."""
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
-    except (ValueError, UnicodeEncodeError):
-        raise _Reply(400, "failed to normalize CSR: not a PEM certificate signing request") from None
-    if not csr.is_signature_valid:
-        raise _Reply(400, "CSR signature is invalid")
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cns or cns[0].value != er_name:
-        raise _Reply(400, f"CSR common name does not match enrollment request name {er_name!r}")
-    key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise _Reply(400, "CSR key is not an ECDSA key")
-    # Stricter than upstream on purpose: a stand-in agent that derives its name wrongly fails here.
-    if device_name_for(key) != er_name:
-        raise _Reply(400, f"enrollment request name {er_name!r} is not the fingerprint of the CSR's key")
-    return key
 
 
 # --- the emulator ----------------------------------------------------------------------------------
@@ -434,7 +197,7 @@ class FlightctlEmulator:
             status = copy.deepcopy(device["status"])
             change(status)
             candidate = dict(device, status=status)
-            _validate(Device, candidate, "set_device_status")
+            validate(Device, candidate, "set_device_status")
             device["status"] = status
             self._service_side_status(device)
             self._bump(device)
@@ -530,7 +293,7 @@ class FlightctlEmulator:
         """Answer one authenticated request: (HTTP status, JSON body or None)."""
         parts = [unquote(p) for p in path.split("/") if p]
         if parts[:2] != ["api", "v1"]:
-            raise _Reply(404, f"path {path} not found")
+            raise Reply(404, f"path {path} not found")
         route = parts[2:]
         if listener == "agent":
             return self._agent(method, route, query, identity, body)
@@ -541,19 +304,19 @@ class FlightctlEmulator:
         enrolling = not identity.startswith("device:")
         if route[:1] == ["enrollmentrequests"]:
             if not enrolling:
-                raise _Reply(401, "Unauthorized")
+                raise Reply(401, "Unauthorized")
             if method == "POST" and len(route) == 1:
                 return self._create_er(body)
             if method == "GET" and len(route) == 2:
                 return self._get_er(route[1])
         elif route[:1] == ["devices"] and len(route) == 3:
             if enrolling or identity != f"device:{route[1]}":
-                raise _Reply(401, "Unauthorized")
+                raise Reply(401, "Unauthorized")
             if method == "GET" and route[2] == "rendered":
                 return self._get_rendered(route[1], query)
             if method == "PUT" and route[2] == "status":
                 return self._replace_status(route[1], body, agent=True)
-        raise _Reply(404, "route not served by the agent API")
+        raise Reply(404, "route not served by the agent API")
 
     def _user(self, method: str, route: list[str], query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         match (method, route):
@@ -583,7 +346,7 @@ class FlightctlEmulator:
                 return self._replace_status(name, body, agent=False)
             case ("GET", ["devices", name, "rendered"]):
                 return self._get_rendered(name, query)
-        raise _Reply(404, "route not served by the emulator")
+        raise Reply(404, "route not served by the emulator")
 
     # --- handlers ---
 
@@ -599,18 +362,18 @@ class FlightctlEmulator:
     def _get_er(self, name: str) -> tuple[int, Any]:
         with self._lock:
             if name not in self._ers:
-                raise _Reply(404, f'EnrollmentRequest of name "{name}" not found')
+                raise Reply(404, f'EnrollmentRequest of name "{name}" not found')
             return 200, copy.deepcopy(self._ers[name])
 
     def _create_er(self, body: Any) -> tuple[int, Any]:
-        _validate(EnrollmentRequest, body, "EnrollmentRequest")
+        validate(EnrollmentRequest, body, "EnrollmentRequest")
         name = (body.get("metadata") or {}).get("name")
         if not name:
-            raise _Reply(400, "metadata.name: Required value")
-        _csr_public_key(name, body["spec"]["csr"])
+            raise Reply(400, "metadata.name: Required value")
+        csr_public_key(name, body["spec"]["csr"])
         with self._lock:
             if name in self._ers:
-                raise _Reply(409, "a resource with this name already exists")
+                raise Reply(409, "a resource with this name already exists")
             er = {"apiVersion": API_VERSION, "kind": "EnrollmentRequest",
                   "metadata": {"name": name, "creationTimestamp": now_iso(), "generation": 1},
                   "spec": copy.deepcopy(body["spec"]), "status": {"conditions": []}}
@@ -619,20 +382,20 @@ class FlightctlEmulator:
             return 201, copy.deepcopy(er)
 
     def _approve(self, name: str, body: Any) -> tuple[int, Any]:
-        _validate(EnrollmentRequestApproval, body, "EnrollmentRequestApproval")
+        validate(EnrollmentRequestApproval, body, "EnrollmentRequestApproval")
         with self._lock:
             er = self._ers.get(name)
             if er is None:
-                raise _Reply(404, f'EnrollmentRequest of name "{name}" not found')
+                raise Reply(404, f'EnrollmentRequest of name "{name}" not found')
             approved = any(c["type"] == "Approved" and c["status"] == "True" for c in er["status"]["conditions"])
             if not body["approved"]:
                 if er["status"].get("approval") is None:
-                    raise _Reply(400, "the emulator does not emulate denying an enrollment request")
+                    raise Reply(400, "the emulator does not emulate denying an enrollment request")
                 return 200, copy.deepcopy(er["status"]["approval"])
             if approved:
-                raise _Reply(400, "Enrollment request is already approved")
+                raise Reply(400, "Enrollment request is already approved")
             if name in self._devices:
-                raise _Reply(500, f"error creating device from enrollment request: device {name} already exists "
+                raise Reply(500, f"error creating device from enrollment request: device {name} already exists "
                              "and cannot be overwritten during enrollment request approval")
             labels = dict(body.get("labels") or {})
             if not body.get("replaceLabels"):
@@ -641,7 +404,7 @@ class FlightctlEmulator:
             approval = {"approved": True, "labels": labels, "approvedBy": APPROVER, "approvedAt": now_iso()}
             if body.get("replaceLabels") is not None:
                 approval["replaceLabels"] = body["replaceLabels"]
-            key = _csr_public_key(name, er["spec"]["csr"])
+            key = csr_public_key(name, er["spec"]["csr"])
             er["status"]["certificate"] = self._ca.issue(f"device:{name}", key).decode("ascii")
             er["status"]["approval"] = approval
             er["status"]["conditions"].append({"type": "Approved", "status": "True", "reason": "ManuallyApproved",
@@ -655,25 +418,25 @@ class FlightctlEmulator:
     def _delete_er(self, name: str) -> tuple[int, Any]:
         with self._lock:
             if name in self._devices:
-                raise _Reply(409, f'cannot delete ER "{name}": device exists')
+                raise Reply(409, f'cannot delete ER "{name}": device exists')
             if self._ers.pop(name, None) is None:
-                raise _Reply(404, f'EnrollmentRequest of name "{name}" not found')
+                raise Reply(404, f'EnrollmentRequest of name "{name}" not found')
             return 200, status_body(200, "")
 
     def _get_device(self, name: str) -> dict[str, Any]:
         with self._lock:
             if name not in self._devices:
-                raise _Reply(404, f'Device of name "{name}" not found')
+                raise Reply(404, f'Device of name "{name}" not found')
             return _public(self._devices[name])
 
     def _replace_device(self, name: str, body: Any) -> tuple[int, Any]:
-        _validate(Device, body, "Device")
+        validate(Device, body, "Device")
         if (body.get("metadata") or {}).get("name") != name:
-            raise _Reply(400, "resource name specified in metadata does not match name in path")
+            raise Reply(400, "resource name specified in metadata does not match name in path")
         with self._lock:
             if self._fail_replaces:
                 code = self._fail_replaces.pop(0)
-                raise _Reply(code, CONFLICT_MESSAGE if code == 409 else "injected failure")
+                raise Reply(code, CONFLICT_MESSAGE if code == 409 else "injected failure")
             current = self._devices.get(name)
             if current is None:
                 device = self._new_device(name, body["metadata"].get("labels") or {}, None,
@@ -682,7 +445,7 @@ class FlightctlEmulator:
                 return 201, _public(device)
             incoming_rv = body["metadata"].get("resourceVersion")
             if incoming_rv is not None and incoming_rv != current["metadata"].get("resourceVersion"):
-                raise _Reply(409, CONFLICT_MESSAGE)
+                raise Reply(409, CONFLICT_MESSAGE)
             self._set_spec(current, body.get("spec"))
             if body["metadata"].get("labels") is not None:
                 current["metadata"]["labels"] = dict(body["metadata"]["labels"])
@@ -700,15 +463,15 @@ class FlightctlEmulator:
 
     def _patch_device(self, name: str, body: Any) -> tuple[int, Any]:
         if not isinstance(body, list):
-            raise _Reply(400, "a JSON patch is a list of operations")
+            raise Reply(400, "a JSON patch is a list of operations")
         for op in body:
-            _validate(PatchRequestInner, op, "PatchRequest")
+            validate(PatchRequestInner, op, "PatchRequest")
         with self._lock:
             current = self._devices.get(name)
             if current is None:
-                raise _Reply(404, f'Device of name "{name}" not found')
+                raise Reply(404, f'Device of name "{name}" not found')
             patched = apply_json_patch(current, body)
-            _validate(Device, patched, "patched Device")
+            validate(Device, patched, "patched Device")
             self._set_spec(current, patched.get("spec"))
             current["metadata"]["labels"] = patched["metadata"].get("labels") or {}
             self._service_side_status(current)
@@ -718,18 +481,18 @@ class FlightctlEmulator:
     def _delete_device(self, name: str) -> tuple[int, Any]:
         with self._lock:
             if self._devices.pop(name, None) is None:
-                raise _Reply(404, f'Device of name "{name}" not found')
+                raise Reply(404, f'Device of name "{name}" not found')
             self._lock.notify_all()
             return 200, status_body(200, "")
 
     def _replace_status(self, name: str, body: Any, *, agent: bool) -> tuple[int, Any]:
-        _validate(Device, body, "Device")
+        validate(Device, body, "Device")
         if body.get("status") is None:
-            raise _Reply(400, "status: Required value")
+            raise Reply(400, "status: Required value")
         with self._lock:
             current = self._devices.get(name)
             if current is None:
-                raise _Reply(404, f'Device of name "{name}" not found')
+                raise Reply(404, f'Device of name "{name}" not found')
             status = copy.deepcopy(body["status"])
             if agent:
                 status["lastSeen"] = now_iso()
@@ -746,7 +509,7 @@ class FlightctlEmulator:
             while True:
                 device = self._devices.get(name)
                 if device is None:
-                    raise _Reply(404, f'Device of name "{name}" not found')
+                    raise Reply(404, f'Device of name "{name}" not found')
                 version = device["metadata"]["annotations"][RENDERED_VERSION]
                 if known is None or known != version:
                     return 200, self._rendered(device)
@@ -763,31 +526,6 @@ def _public(obj: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("status"), dict):
         out["status"].pop("lastSeen", None)
     return out
-
-
-_RESPONSE_MODELS: dict[str, type[BaseModel]] = {
-    "Device": Device, "DeviceList": DeviceList, "EnrollmentRequest": EnrollmentRequest,
-    "EnrollmentRequestList": EnrollmentRequestList, "Status": Status,
-}
-
-
-def _check_response(body: Any) -> None:
-    """Every response body parses with the client's model for its kind."""
-    if not isinstance(body, dict):
-        raise ValueError(f"response body is {type(body).__name__}")
-    kind = body.get("kind")
-    if kind in _RESPONSE_MODELS:
-        model: type[BaseModel] = _RESPONSE_MODELS[kind]
-    elif "approvedBy" in body:
-        model = EnrollmentRequestApprovalStatus
-    elif set(body) == {"version"}:
-        model = Version
-    else:
-        raise ValueError(f"response body of unknown shape: keys {sorted(body)}")
-    try:
-        _validate(model, body, f"response {model.__name__}")
-    except _Reply as exc:
-        raise ValueError(exc.message) from None
 
 
 class _Server(ThreadingHTTPServer):
@@ -847,20 +585,20 @@ class _Handler(BaseHTTPRequestHandler):
                 try:
                     body = json.loads(raw)
                 except ValueError:
-                    raise _Reply(400, "request body is not JSON") from None
+                    raise Reply(400, "request body is not JSON") from None
             if identity == "no-token":
-                raise _Reply(400, "failed to get auth token")
+                raise Reply(400, "failed to get auth token")
             if identity == "bad-token":
-                raise _Reply(401, "failed to validate token")
+                raise Reply(401, "failed to validate token")
             code, answer = emulator.handle(self.server.listener, self.command, split.path, query, identity, body)
-        except _Reply as reply:
+        except Reply as reply:
             code, answer = reply.code, status_body(reply.code, reply.message)
         except Exception as exc:  # an emulator bug: answer 500 and let the test see it
             emulator.errors.append(f"{self.command} {split.path}: {type(exc).__name__}: {exc}")
             code, answer = 500, status_body(500, f"emulator error: {type(exc).__name__}")
         if answer is not None:
             try:
-                _check_response(answer)
+                check_response(answer)
             except ValueError as exc:
                 emulator.errors.append(f"{self.command} {split.path}: invalid response: {exc}")
                 code, answer = 500, status_body(500, "emulator produced an invalid response")
@@ -876,7 +614,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = _serve
-
 
 
 # --- clients for tests -------------------------------------------------------------------------------
@@ -926,11 +663,3 @@ def agent_request(emulator: FlightctlEmulator, method: str, path: str, body: Any
             conn.close()
 
 
-def make_csr(cn: str | None = None) -> tuple[str, str, ec.EllipticCurvePrivateKey]:
-    """(device name, CSR PEM, key) as the agent makes them; `cn` overrides the CSR's common name."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = device_name_for(key.public_key())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn or name)]))
-           .sign(key, hashes.SHA256()))
-    return name, csr.public_bytes(serialization.Encoding.PEM).decode("ascii"), key

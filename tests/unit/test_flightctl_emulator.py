@@ -29,15 +29,9 @@ from flightctl.models.enrollment_request_approval import EnrollmentRequestApprov
 from flightctl.models.patch_request_inner import PatchRequestInner
 
 from pytest_flightctl_device.devices.agent import load_agent_config
-from tests.support.flightctl_emulator import (
-    RENDERED_VERSION,
-    FlightctlEmulator,
-    agent_request,
-    device_name_for,
-    label_matcher,
-    make_csr,
-    user_client,
-)
+from tests.support.flightctl_emulator import RENDERED_VERSION, FlightctlEmulator, agent_request, user_client
+from tests.support.flightctl_fake.pki import device_name_for, make_csr
+from tests.support.flightctl_fake.query import label_matcher
 
 
 @pytest.fixture

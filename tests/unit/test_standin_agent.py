@@ -38,7 +38,8 @@ from flightctl.models.device import Device
 from flightctl.models.enrollment_request_approval import EnrollmentRequestApproval
 
 from tests.support import standin_agent
-from tests.support.flightctl_emulator import FlightctlEmulator, ScratchCA, device_name_for, user_client
+from tests.support.flightctl_emulator import FlightctlEmulator, user_client
+from tests.support.flightctl_fake.pki import ScratchCA, device_name_for
 from tests.support.helpers import require_tool
 
 SCRIPT = Path(standin_agent.__file__)
