@@ -1,31 +1,29 @@
-"""Content-addressed artifact store shared by xdist workers and runs.
+"""Content-addressed artifact store shared by xdist workers and runs; it knows no file format.
 
 Bytes become a verified, immutable file exactly once per cache: `obtain()` checks the index,
-takes a per-key file lock, checks again, lets the producer write a temp file, fsyncs and verifies
-it, then renames it into `objects/`. The index entry is written last, so a crash at any point
-leaves at most a temp file under `tmp/`, never a half-written file under a final name.
+takes a per-key file lock, checks again, lets the producer write a temp file, fsyncs it, runs the
+caller's check (a `core.formats.Format`) and renames it into `objects/`. The index entry is
+written last, so a crash at any point leaves at most a temp file, never a half-written file
+under a final name; `sweep()` is the one place that removes such temps.
 
 Layout under the root:
-  objects/<2 hex>/<sha256>.<kind>       the artifact, read-only
-  objects/<2 hex>/<sha256>.<kind>.json  sidecar: source(s), size, digest, created, last used
-  index/<hash of key>.json              source identity -> digest
-  locks/<hash of key>.lock              single-flight lock per source identity
-  tmp/                                  temp and resumable partial files
+  objects/<2 hex>/<sha256>.<suffix>       the artifact, read-only (suffix from its Format)
+  objects/<2 hex>/<sha256>.<suffix>.json  sidecar: format name, source(s), size, created, last used
+  index/<hash of key>.json                source identity -> digest and format name
+  locks/<hash of key>.lock                single-flight lock per source identity
+  tmp/                                    objects being produced, resumable partial downloads
+  verified/<hash of identity>.json        sha256 of local files used in place (`local_sha256`)
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +31,14 @@ from typing import Any
 
 from filelock import FileLock
 
-from pytest_flightctl_device.core.formats import read_manifest
-from pytest_flightctl_device.errors import ArtifactError, MissingToolError
+from pytest_flightctl_device.core.atomic import fsync_dir, sweep_temps, temp_path, write_atomic
+from pytest_flightctl_device.core.formats import Format
+from pytest_flightctl_device.errors import ArtifactError
 
-KINDS = ("qcow2", "bundle", "file")
-_EXT = {"qcow2": "qcow2", "bundle": "tar", "file": "bin"}
 _CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A resumable partial nobody asked for again in this long is a killed run's download: dropped.
+PARTIAL_MAX_AGE_S = 86400.0
 
 # Shared flocks on objects this process uses: prune never removes what a live run holds.
 _HELD: dict[str, int] = {}
@@ -79,60 +79,21 @@ def _key_name(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _writer_gone(temp: Path, prefix: str) -> bool:
-    """True when `temp` is named `<prefix><pid>.<...>` and that pid no longer runs."""
-    pid = temp.name.removeprefix(prefix).split(".", 1)[0]
-    return temp.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid))
-
-
-def _drop_dead_temps(path: Path) -> None:
-    """Remove temps of `path` whose writer was killed between write and rename (kill -9)."""
-    prefix = f".{path.name}."
-    for temp in path.parent.glob(glob.escape(prefix) + "*"):
-        if _writer_gone(temp, prefix):
-            temp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically replace `path` with `data` (unique temp name, fsync, rename).
-
-    A writer killed before its rename leaves `.<name>.<pid>.<hex>`; the next write of the same
-    file removes it, so a sidecar or index entry never leaks a temp for good.
-    """
-    _drop_dead_temps(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    with tmp.open("w") as handle:
-        json.dump(data, handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, sort_keys=True))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         with path.open() as handle:
             data = json.load(handle)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _sidecar(path: Path) -> Path:
+    return Path(f"{path}.json")
 
 
 def _hold(path: Path) -> None:
@@ -160,73 +121,20 @@ def _held_elsewhere(path: Path) -> bool:
     return False
 
 
-# -- verification by kind --------------------------------------------------------------------
-
-
-def qemu_img() -> str:
-    path = shutil.which("qemu-img")
-    if path is None:
-        raise MissingToolError("qemu-img is not installed; install qemu-utils (Debian) or qemu-img (Fedora).")
-    return path
-
-
-def qcow2_info(path: Path) -> dict[str, Any]:
-    """`qemu-img info` of `path`; ArtifactError when qemu-img cannot read it."""
-    result = subprocess.run(
-        [qemu_img(), "info", "--output=json", "--force-share", str(path)],
-        capture_output=True, text=True, check=False,
-    )
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["unreadable"])[-1]
-        raise ArtifactError(f"{path} is not a readable disk image ({reason}); give a qcow2 file.")
-    info: dict[str, Any] = json.loads(result.stdout)
-    return info
-
-
-def check_qcow2(path: Path) -> None:
-    """The file is a qcow2 whose metadata `qemu-img check` finds consistent (leaks are harmless)."""
-    fmt = qcow2_info(path).get("format")
-    if fmt != "qcow2":
-        raise ArtifactError(f"{path} is a {fmt} image, not a qcow2; give the qcow2 disk image.")
-    result = subprocess.run(
-        [qemu_img(), "check", "--force-share", "-f", "qcow2", str(path)],
-        capture_output=True, text=True, check=False,
-    )
-    if result.returncode not in (0, 3):  # 3: leaked clusters only, the data is intact
-        reason = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["check failed"]
-        raise ArtifactError(f"{path} failed `qemu-img check` ({reason[0]}); fetch the qcow2 again.")
-
-
 def _problem(entry: Entry) -> Problem | None:
-    """Why an object is not what its name and kind promise, or None when it is."""
+    """Why an object's bytes no longer hash to its name, or None when they do.
+
+    Re-hashing is the whole check, on purpose: an object got its name only after its Format's
+    check passed on exactly these bytes, so bytes that still hash to the name pass it again. The
+    cache thus never looks a check up by name, and `cache verify` needs no qemu-img.
+    """
     try:
         digest = sha256_file(entry.path)
-        if digest != entry.digest:
-            raise ArtifactError(f"content has sha256 {digest}, not {entry.digest}")
-        check_kind(entry.path, entry.kind)
-    except ArtifactError as exc:
-        return Problem(entry.path, str(exc))
+    except OSError as exc:
+        return Problem(entry.path, f"cannot be read ({exc.strerror})")
+    if digest != entry.digest:
+        return Problem(entry.path, f"content has sha256 {digest}, not {entry.digest}")
     return None
-
-
-def bundle_tags(path: Path) -> list[str]:
-    """RepoTags of a `podman save -m` (docker-archive) tar, read from its manifest.json."""
-    tags = [tag for entry in read_manifest(path) for tag in entry.tags]
-    if not tags:
-        raise ArtifactError(
-            f"{path} has no manifest.json with RepoTags; give a bundle made by `podman save -m` of tagged images."
-        )
-    return tags
-
-
-def check_kind(path: Path, kind: str) -> None:
-    if kind == "qcow2":
-        check_qcow2(path)
-    elif kind == "bundle":
-        bundle_tags(path)
-
-
-# -- the store -------------------------------------------------------------------------------
 
 
 class Cache:
@@ -239,6 +147,7 @@ class Cache:
         self.index = self.root / "index"
         self.locks = self.root / "locks"
         self.tmp = self.root / "tmp"
+        self.verified = self.root / "verified"
 
     def _ensure(self) -> None:
         for directory in (self.objects, self.index, self.locks, self.tmp):
@@ -249,53 +158,54 @@ class Cache:
         self._ensure()
         return self.tmp / f"{_key_name(key)}.{suffix}"
 
-    def object_path(self, digest: str, kind: str) -> Path:
-        return self.objects / digest[:2] / f"{digest}.{_EXT[kind]}"
-
     def lock(self, key: str) -> FileLock:
         self._ensure()
         return FileLock(str(self.locks / f"{_key_name(key)}.lock"))
+
+    def find(self, digest: str, kind: str) -> Path | None:
+        """The object with this content that passed the check named `kind`, whatever its source."""
+        if not _SHA256.fullmatch(digest):
+            return None
+        for path in (self.objects / digest[:2]).glob(f"{digest}.*"):
+            if path.suffix != ".json" and (_read_json(_sidecar(path)) or {}).get("kind") == kind:
+                return path
+        return None
 
     def lookup(self, key: str) -> Path | None:
         """The object recorded for `key`, or None; marks it used and held by this process."""
         entry = _read_json(self.index / f"{_key_name(key)}.json")
         if not entry or entry.get("key") != key:
             return None
-        path = self.object_path(str(entry["digest"]), str(entry["kind"]))
+        path = self.find(str(entry.get("digest")), str(entry.get("kind")))
+        if path is None:  # pruned or never finished: produce it again
+            return None
         try:
             _hold(path)
-        except FileNotFoundError:  # pruned or never finished: produce it again
+        except FileNotFoundError:  # pruned just now
             return None
         self._touch(path)
         return path
-
-    def find_digest(self, digest: str, kind: str) -> Path | None:
-        """An object with this content, whatever source put it there."""
-        path = self.object_path(digest, kind)
-        return path if path.is_file() else None
 
     def obtain(
         self,
         key: str,
         produce: Callable[[Path], str | None],
+        verify: Format,
         *,
-        kind: str,
         expected_sha256: str | None = None,
         source: str = "",
         waiting: Callable[[], None] | None = None,
     ) -> Path:
-        """The verified object for `key`, produced at most once across processes.
+        """The object for `key`, produced at most once across processes and checked by `verify`.
 
         `produce(tmp)` writes the artifact to `tmp` and may return its sha256 when it hashed the
         bytes on the way (saves a second read); `waiting` is called when another process holds
         the lock, so the caller can say why nothing happens.
         """
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}")
         expected = expected_sha256.lower().removeprefix("sha256:") if expected_sha256 else None
         found = self.lookup(key)
-        if found is None and expected and (found := self.find_digest(expected, kind)):
-            self._record(key, expected, kind, source, found)
+        if found is None and expected and (found := self.find(expected, verify.name)):
+            self._record(key, expected, verify.name, source, found)
         if found is not None:
             return found
         lock = self.lock(key)
@@ -309,68 +219,79 @@ class Cache:
             found = self.lookup(key)
             if found is not None:
                 return found
-            return self._produce(key, produce, kind=kind, expected=expected, source=source)
+            return self._produce(key, produce, verify, expected=expected, source=source)
         finally:
             lock.release()
 
-    def _produce(
-        self, key: str, produce: Callable[[Path], str | None], *, kind: str, expected: str | None,
-        source: str,
-    ) -> Path:
-        for stale in self.tmp.glob(f"{_key_name(key)}.*.new"):  # left by a killed producer
-            stale.unlink(missing_ok=True)
-        self._drop_dead_producers()
-        self._clean_tmp()  # partials of keys nobody asked for again in a day (a killed run's download)
-        tmp = self.tmp / f"{_key_name(key)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new"
+    def _produce(self, key: str, produce: Callable[[Path], str | None], verify: Format, *,
+                 expected: str | None, source: str) -> Path:
+        self.sweep()
+        tmp = temp_path(self.tmp / _key_name(key))  # named after this process: swept once it is dead
         try:
             digest = produce(tmp)
             if not tmp.is_file():
                 raise ArtifactError(f"{source or key} produced no file; report this as a bug.")
             with tmp.open("rb") as handle:
                 os.fsync(handle.fileno())
-            if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
                 digest = sha256_file(tmp)  # the producer did not hash on the way (or returned junk)
             if expected and digest != expected:
                 raise ArtifactError(
                     f"{source or key} has sha256 {digest}, not the expected {expected}; "
                     "check the sha256 option or the source."
                 )
-            check_kind(tmp, kind)
-            final = self.object_path(digest, kind)
+            verify(tmp)
+            final = self.objects / digest[:2] / f"{digest}.{verify.suffix}"
             final.parent.mkdir(parents=True, exist_ok=True)
-            if final.is_file():
-                tmp.unlink()
-            else:
+            if not final.is_file():
                 tmp.chmod(0o444)
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
         finally:
             tmp.unlink(missing_ok=True)
-        self._record(key, digest, kind, source, final)
+        self._record(key, digest, verify.name, source, final)
         self._touch(final)
         _hold(final)
         return final
 
     def _record(self, key: str, digest: str, kind: str, source: str, path: Path) -> None:
-        sidecar = Path(f"{path}.json")
         now = time.time()
-        data = _read_json(sidecar) or {"digest": digest, "kind": kind, "size": path.stat().st_size,
-                                        "created": now, "sources": [], "keys": []}
+        data = _read_json(_sidecar(path)) or {"digest": digest, "kind": kind, "size": path.stat().st_size,
+                                               "created": now, "sources": [], "keys": []}
         if source and source not in data["sources"]:
             data["sources"].append(source)
         if key not in data["keys"]:
             data["keys"].append(key)
         data["last_used"] = now
-        _write_json(sidecar, data)
+        _write_json(_sidecar(path), data)
         _write_json(self.index / f"{_key_name(key)}.json", {"key": key, "digest": digest, "kind": kind})
 
     def _touch(self, path: Path) -> None:
-        sidecar = Path(f"{path}.json")
-        data = _read_json(sidecar)
+        data = _read_json(_sidecar(path))
         if data is not None:
             data["last_used"] = time.time()
             with contextlib.suppress(OSError):
-                _write_json(sidecar, data)
+                _write_json(_sidecar(path), data)
+
+    # -- local files used in place ---------------------------------------------------------------
+
+    def local_sha256(self, path: Path) -> str:
+        """The sha256 of a local file, hashed once per identity (path, device, inode, size, mtime).
+
+        A multi-GiB file given by path is used in place, not copied in; what the cache remembers
+        is only its digest, so a warm run does not read it again. A file changed while it was
+        hashed is not remembered.
+        """
+        before = _identity(path)
+        memo = self.verified / f"{hashlib.sha256(before.encode()).hexdigest()[:40]}.json"
+        seen = _read_json(memo) or {}
+        if seen.get("identity") == before and _SHA256.fullmatch(str(seen.get("sha256"))):
+            return str(seen["sha256"])
+        digest = sha256_file(path)
+        if _identity(path) == before:
+            self.verified.mkdir(parents=True, exist_ok=True)
+            _write_json(memo, {"path": str(path), "identity": before, "sha256": digest})
+        return digest
 
     # -- for the CLI and max size ---------------------------------------------------------------
 
@@ -385,7 +306,7 @@ class Cache:
         """Every object, least recently used first."""
         result = []
         for path in self._objects():
-            data = _read_json(Path(f"{path}.json")) or {}
+            data = _read_json(_sidecar(path)) or {}
             stat = path.stat()
             result.append(Entry(
                 path=path, digest=path.name.split(".")[0], kind=str(data.get("kind", "file")),
@@ -395,34 +316,37 @@ class Cache:
             ))
         return sorted(result, key=lambda entry: entry.last_used)
 
-    def _drop_dead_producers(self) -> None:
-        """Remove `<key>.<pid>.<hex>.new` files of any key whose producer was killed: never resumed."""
-        for stale in self.tmp.glob("*.new"):
-            if _writer_gone(stale, stale.name.split(".", 1)[0] + "."):
-                stale.unlink(missing_ok=True)
+    def sweep(self, partial_max_age: float = PARTIAL_MAX_AGE_S) -> int:
+        """The one temp sweeper; returns how many files it removed. Run before every production,
+        by verify() and by prune().
 
-    def sweep_dead_temps(self) -> list[Path]:
-        """Remove every temp a killed process left outside its rename: json temps, `.new` files."""
-        found = [p for p in self.tmp.glob("*.new") if _writer_gone(p, p.name.split(".", 1)[0] + ".")]
-        for directory in (self.index, self.root / "verified", *self.objects.glob("*")):
-            for temp in directory.glob(".*"):
-                target = temp.name[1:].rsplit(".", 2)[0]
-                if temp.is_file() and _writer_gone(temp, f".{target}."):
-                    found.append(temp)
-        for path in found:
-            path.unlink(missing_ok=True)
-        return found
+        - atomic-write temps (objects being produced in tmp/, sidecars, index entries, remembered
+          digests) whose writer process is gone: core.atomic.sweep_temps, by PID and start time;
+        - resumable partials in tmp/ (a download's `.part`/`.zip` and its `.json` state) nobody
+          resumed for `partial_max_age`, when no process holds their key's lock.
+        """
+        removed = sum(sweep_temps(directory) for directory in
+                      (self.tmp, self.index, self.verified, *self.objects.glob("??")))
+        now = time.time()
+        for path in self.tmp.glob("*") if self.tmp.is_dir() else ():
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > partial_max_age:
+                    lock = FileLock(str(self.locks / f"{path.name.lstrip('.').split('.')[0]}.lock"))
+                    with contextlib.suppress(TimeoutError), lock.acquire(timeout=0):
+                        path.unlink()
+                        removed += 1
+        return removed
 
     def check(self) -> list[Problem]:
-        """Re-hash and re-check every object, changing nothing (an audit; verify() also repairs)."""
+        """Re-hash every object, changing nothing (an audit; verify() also repairs)."""
         return [problem for entry in self.entries() if (problem := _problem(entry)) is not None]
 
     def verify(self) -> list[Problem]:
-        """Re-hash and re-check every object; the ones that fail are removed and reported.
+        """Re-hash every object; the ones that fail are removed and reported.
 
-        Temps of killed writers are removed on the way (they are not objects, so not reported).
+        Temps of killed writers are swept on the way (they are not objects, so not reported).
         """
-        self.sweep_dead_temps()
+        self.sweep()
         problems = []
         for entry in self.entries():
             problem = _problem(entry)
@@ -448,7 +372,7 @@ class Cache:
             self._remove(entry)
             removed.append(entry)
             total -= entry.size
-        self._clean_tmp()
+        self.sweep()
         return removed
 
     def _remove(self, entry: Entry) -> None:
@@ -457,15 +381,10 @@ class Cache:
             data = _read_json(index)
             if data and data.get("digest") == entry.digest:
                 index.unlink(missing_ok=True)
-        Path(f"{entry.path}.json").unlink(missing_ok=True)
+        _sidecar(entry.path).unlink(missing_ok=True)
         entry.path.unlink(missing_ok=True)
 
-    def _clean_tmp(self, older_than: float = 86400.0) -> None:
-        """Drop temp files older than a day whose producer is gone (no lock held on their key)."""
-        now = time.time()
-        for path in self.tmp.glob("*"):
-            with contextlib.suppress(OSError):
-                if now - path.stat().st_mtime > older_than:
-                    lock = FileLock(str(self.locks / f"{path.name.split('.')[0]}.lock"))
-                    with contextlib.suppress(TimeoutError), lock.acquire(timeout=0):
-                        path.unlink()
+
+def _identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path}:{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"

@@ -12,9 +12,9 @@ import contextlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import BinaryIO
 
 from pytest_flightctl_device.core.liveness import Owner
 
@@ -35,11 +35,13 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(dest: Path, *, mode: int = 0o644) -> Iterator[IO[bytes]]:
+def atomic_write(dest: Path, *, mode: int = 0o644,
+                 check: Callable[[Path], object] | None = None) -> Iterator[BinaryIO]:
     """Yield a binary handle; on a clean exit the bytes replace `dest` atomically, else vanish.
 
     The temp is created with `mode` (0600 for anything secret), so no other user ever sees it
-    with wider permissions.
+    with wider permissions. `check(temp)` runs on the synced bytes before the rename: what fails
+    it (a truncated stream, say) never gets the final name.
     """
     tmp = temp_path(dest)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -48,6 +50,8 @@ def atomic_write(dest: Path, *, mode: int = 0o644) -> Iterator[IO[bytes]]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        if check is not None:
+            check(tmp)
         os.chmod(tmp, mode)  # the umask may have narrowed it
         os.replace(tmp, dest)
     except BaseException:

@@ -1,27 +1,96 @@
-"""The manifest.json of a docker-archive images bundle (`podman save -m`): read it, trust nothing in it.
+"""The file formats the plugin accepts, checked before anything trusts them: qcow2 and images bundle.
 
-A bundle may come from anywhere (a pull request's artifact, a URL), so its manifest is hostile
-input: every entry must be an object whose Config and Layers are paths inside the archive and
-whose RepoTags is a list of image references. Anything else is one ArtifactError sentence; the
-manifest is never extracted, and an absurdly large or deeply nested one is refused unread.
+The cache stores bytes and knows no format: a caller hands `Cache.obtain` one of the `Format`s
+here (QCOW2, BUNDLE, FILE), whose check runs on the new bytes before they get a final name.
+
+A bundle's manifest.json (docker-archive, `podman save -m`) is hostile input (a pull request's
+artifact, a URL): every entry must be an object whose Config and Layers are paths inside the
+archive and whose RepoTags is a list of image references. Anything else is one ArtifactError
+sentence; the manifest is never extracted, and an absurdly large or deeply nested one is refused
+unread. A qcow2 is read by `qemu-img` (found by `qemu_img()`, the one lookup of it).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import tarfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_flightctl_device.errors import ArtifactError
+from pytest_flightctl_device.errors import ArtifactError, MissingToolError
+
+
+def qemu_img() -> str:
+    """The qemu-img binary, or MissingToolError naming the package to install."""
+    path = shutil.which("qemu-img")
+    if path is None:
+        raise MissingToolError("qemu-img is not installed; install qemu-utils (Debian) or qemu-img (Fedora).")
+    return path
+
+
+def qcow2_info(path: Path) -> dict[str, Any]:
+    """`qemu-img info` of `path`; ArtifactError when qemu-img cannot read it."""
+    result = subprocess.run([qemu_img(), "info", "--output=json", "--force-share", str(path)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["unreadable"])[-1]
+        raise ArtifactError(f"{path} is not a readable disk image ({reason}); give a qcow2 file.")
+    info: dict[str, Any] = json.loads(result.stdout)
+    return info
+
+
+def check_qcow2(path: Path) -> None:
+    """The file is a qcow2 whose metadata `qemu-img check` finds consistent (leaks are harmless)."""
+    fmt = qcow2_info(path).get("format")
+    if fmt != "qcow2":
+        raise ArtifactError(f"{path} is a {fmt} image, not a qcow2; give the qcow2 disk image.")
+    result = subprocess.run([qemu_img(), "check", "--force-share", "-f", "qcow2", str(path)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode not in (0, 3):  # 3: leaked clusters only, the data is intact
+        reason = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["check failed"]
+        raise ArtifactError(f"{path} failed `qemu-img check` ({reason[0]}); fetch the qcow2 again.")
+
+
+def bundle_tags(path: Path) -> list[str]:
+    """RepoTags of a `podman save -m` (docker-archive) tar, read from its manifest.json."""
+    tags = [tag for entry in read_manifest(path) for tag in entry.tags]
+    if not tags:
+        raise ArtifactError(
+            f"{path} has no manifest.json with RepoTags; give a bundle made by `podman save -m` of tagged images."
+        )
+    return tags
+
+
+@dataclass(frozen=True)
+class Format:
+    """A check to run on new bytes, with the name the cache records and its objects' file suffix."""
+
+    name: str
+    suffix: str
+    check: Callable[[Path], object]
+
+    def __call__(self, path: Path) -> None:
+        self.check(path)
+
+
+QCOW2 = Format("qcow2", "qcow2", check_qcow2)
+BUNDLE = Format("bundle", "tar", bundle_tags)
+FILE = Format("file", "bin", lambda _path: None)  # any bytes: only the sha256 is checked
+FORMATS = {fmt.name: fmt for fmt in (QCOW2, BUNDLE, FILE)}
 
 
 @dataclass(frozen=True)
 class ManifestEntry:
     image_id: str
     tags: tuple[str, ...]
+    # Where the image's parts lie in the archive (a push reads them straight from the bundle).
+    config: str = field(default="", compare=False)
+    layers: tuple[str, ...] = field(default=(), compare=False)
 
 
 MANIFEST_MAX_BYTES = 16 << 20  # podman writes a few hundred bytes per image; refuse to slurp more
@@ -92,7 +161,7 @@ def _entry(item: Any) -> ManifestEntry:
         tags = []
     if not isinstance(tags, list) or not all(_is_tag(t) for t in tags):
         raise _Malformed(": an entry's RepoTags is not a list of image references")
-    return ManifestEntry(image_id, tuple(tags))
+    return ManifestEntry(image_id, tuple(tags), config, tuple(layers or ()))
 
 
 def _is_tag(tag: object) -> bool:

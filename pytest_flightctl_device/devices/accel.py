@@ -20,6 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pytest_flightctl_device.core.atomic import sweep_temps, write_atomic
 from pytest_flightctl_device.devices.console import KERNEL_OUTPUT, ConsoleLog
 from pytest_flightctl_device.errors import ConfigError
 
@@ -104,12 +105,8 @@ class Accelerator:
             data = {}
         data[host_key()] = {"kvm": works, "reason": reason,
                             "checked": datetime.now(UTC).isoformat(timespec="seconds")}
-        for stale in self.verdict_file.parent.glob(f".{self.verdict_file.name}.*"):
-            if not stale.suffix[1:].isdigit() or not Path(f"/proc/{stale.suffix[1:]}").exists():
-                stale.unlink(missing_ok=True)  # a writer killed before its rename
-        tmp = self.verdict_file.with_name(f".{self.verdict_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.verdict_file)
+        sweep_temps(self.verdict_file.parent, self.verdict_file.name)  # of writers killed before their rename
+        write_atomic(self.verdict_file, json.dumps(data, indent=1))
 
 
 def watch_kernel(console: ConsoleLog, active: Callable[[], bool], *, since: int = 0,

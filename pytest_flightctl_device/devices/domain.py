@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,12 +16,11 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from pytest_flightctl_device.core import formats
 from pytest_flightctl_device.core.liveness import Owner
+from pytest_flightctl_device.devices.janitor import METADATA_KEY, METADATA_NS
 from pytest_flightctl_device.devices.ports import port_reservation
 from pytest_flightctl_device.errors import BootError, ConfigError, MissingToolError
-
-METADATA_NS = "https://github.com/flightctl/pytest-flightctl-device/owner/1"
-METADATA_KEY = "fcdev"
 
 
 @dataclass(frozen=True)
@@ -151,9 +149,7 @@ def open_libvirt(uri: str) -> Any:
 
 def create_overlay(base: Path, overlay: Path) -> None:
     """A copy-on-write qcow2 over `base`; qemu only ever opens the base read-only."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise MissingToolError("qemu-img is not installed; install qemu-utils (Debian) or qemu-img (Fedora).")
+    qemu_img = formats.qemu_img()
     # 0600 from its first byte (the guest writes the injected secrets into it); qemu-img
     # truncates an existing file and keeps its mode.
     os.close(os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_flightctl_device.core import formats
 from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.accel import Accelerator
@@ -26,7 +27,7 @@ from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.devices.slots import VMSlots, default_max_vms
 from pytest_flightctl_device.devices.ssh import KeyPair, generate_keypair
 from pytest_flightctl_device.devices.vm import DeviceVM, VMRequest
-from pytest_flightctl_device.errors import ConfigError, MissingToolError
+from pytest_flightctl_device.errors import ConfigError
 from pytest_flightctl_device.settings import VARIANTS, Settings
 
 MARKER_ARGS = tuple(f.name for f in dataclasses.fields(VMRequest))
@@ -108,9 +109,7 @@ class DeviceVMFactory:
 
     def check(self) -> None:
         """Fail fast (before any boot) when libvirt or qemu-img is missing."""
-        if shutil.which("qemu-img") is None:
-            raise MissingToolError("qemu-img is not installed; install qemu-utils (Debian) or "
-                                   "qemu-img (Fedora).")
+        formats.qemu_img()
         self.conn  # noqa: B018 - connecting is the check
 
     @property

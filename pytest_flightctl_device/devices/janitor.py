@@ -1,9 +1,20 @@
-"""Finds and removes what dead runs left: domains, overlays, seeds, sockets.
+"""The session's labels, and the reaper of what dead sessions left.
 
-Every process that boots VMs owns one directory `<workdir>/fcdev-<run>-<worker>/` holding an
-owner.json (pid + start time) and one subdirectory per VM; every domain carries the same owner
-in its metadata. A leftover is anything whose owner process is gone. A live run's things, and
-VMs kept on purpose with --device-keep-vm while their domain still runs, are never touched.
+Labels (defined here, rendered by devices.domain): every process that boots VMs owns one
+directory `<workdir>/fcdev-<run>-<worker>/` holding owner.json (PID + start time, a
+core.liveness.Owner) and one subdirectory per VM; every domain is named under the same prefix and
+carries the same owner in its libvirt metadata (METADATA_NS). A VM kept with --device-keep-vm has
+a `keep` file in its directory and keep='1' in its metadata.
+
+`sweep()` removes, of owners that are gone (a reused PID does not keep them alive):
+  - fcdev-* libvirt domains: destroyed, and undefined when persistent;
+  - VM directories: the overlay qcow2, the seed ISO, the console log, UEFI vars, known_hosts, the
+    SSH control socket, and any temp a writer killed mid-write left there;
+  - SSH control sockets moved to /tmp because the VM directory's path was too long for one;
+  - the process directory (owner.json, the SSH key pair) once no VM directory is left in it;
+  - temps of killed atomic writers in the workdir itself.
+A live run's things, and kept VMs while their domain still exists, are never touched; a process
+directory without owner.json is left alone for ten minutes (its creator may be writing it).
 """
 
 from __future__ import annotations
@@ -16,12 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_flightctl_device.core.atomic import sweep_temps, write_atomic
 from pytest_flightctl_device.core.liveness import Owner
-from pytest_flightctl_device.devices.domain import METADATA_NS
+from pytest_flightctl_device.devices.ssh import control_path
 
-PREFIX = "fcdev-"
+PREFIX = "fcdev-"  # process directories and domain names
 OWNER_FILE = "owner.json"
 KEEP_FILE = "keep"
+METADATA_NS = "https://github.com/flightctl/pytest-flightctl-device/owner/1"
+METADATA_KEY = "fcdev"
 # A process dir without owner.json is one whose creator died in its first instant.
 _ORPHAN_GRACE_S = 600.0
 
@@ -34,9 +48,7 @@ class Swept:
 
 def write_owner(process_dir: Path, owner: Owner, run_id: str, worker: str) -> None:
     data = {"pid": owner.pid, "start": owner.start, "run": run_id, "worker": worker}
-    tmp = process_dir / f".{OWNER_FILE}.tmp"
-    tmp.write_text(json.dumps(data))
-    tmp.replace(process_dir / OWNER_FILE)
+    write_atomic(process_dir / OWNER_FILE, json.dumps(data))
 
 
 def read_owner(process_dir: Path) -> Owner | None:
@@ -83,11 +95,19 @@ def sweep_domains(conn: Any) -> tuple[list[str], set[str]]:
     return destroyed, present
 
 
+def _remove_vm_dir(vm_dir: Path) -> None:
+    socket = control_path(vm_dir)
+    if socket.parent != vm_dir:  # moved out for a long path: not under the directory removed below
+        socket.unlink(missing_ok=True)
+    shutil.rmtree(vm_dir, ignore_errors=True)
+
+
 def sweep_files(workdir: Path, present_domains: set[str]) -> list[Path]:
-    """Remove VM directories of dead owners, except kept VMs whose domain still exists."""
+    """Remove the files of dead owners (see the module docstring), except kept VMs whose domain exists."""
     removed: list[Path] = []
     if not workdir.is_dir():
         return removed
+    sweep_temps(workdir)
     for process_dir in workdir.glob(PREFIX + "*"):
         if not process_dir.is_dir():
             continue
@@ -101,7 +121,7 @@ def sweep_files(workdir: Path, present_domains: set[str]) -> list[Path]:
             name = f"{process_dir.name}-{vm_dir.name}"
             if (vm_dir / KEEP_FILE).exists() and name in present_domains:
                 continue
-            shutil.rmtree(vm_dir, ignore_errors=True)
+            _remove_vm_dir(vm_dir)
             removed.append(vm_dir)
         if not any(p.is_dir() for p in process_dir.iterdir()):
             shutil.rmtree(process_dir, ignore_errors=True)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import pycdlib
 import yaml
 
+from pytest_flightctl_device.core.atomic import atomic_write
 from pytest_flightctl_device.devices.agent import AgentFile
 from pytest_flightctl_device.errors import ConfigError
 
@@ -141,17 +140,9 @@ def write_seed_iso(spec: SeedSpec, dest: Path) -> Path:
     for name, text in members.items():
         data = text.encode("utf-8")
         iso.add_fp(io.BytesIO(data), len(data), _ISO_NAMES[name], rr_name=name, joliet_path=f"/{name}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write(dest, mode=0o600) as handle:  # the seed carries the agent's secrets
             iso.write_fp(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o600)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     finally:
         iso.close()
     return dest

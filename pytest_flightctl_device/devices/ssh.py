@@ -110,6 +110,15 @@ class BannerWatch:
             self._sock = None
 
 
+def control_path(state_dir: Path) -> Path:
+    """The ControlMaster socket of a VM: in its directory, or under /tmp when that path is too long."""
+    control = state_dir / "ssh.ctl"
+    if len(str(control)) > _MAX_SOCKET_PATH:
+        digest = hashlib.sha256(str(control).encode()).hexdigest()[:16]
+        control = Path("/tmp") / f"fcdev-{digest}.ctl"
+    return control
+
+
 class SshClient:
     """OpenSSH client bound to one device: BatchMode, IdentitiesOnly, private known_hosts."""
 
@@ -120,11 +129,7 @@ class SshClient:
         self.user = user
         self.host = host
         self.known_hosts = state_dir / "known_hosts"
-        control = state_dir / "ssh.ctl"
-        if len(str(control)) > _MAX_SOCKET_PATH:
-            digest = hashlib.sha256(str(control).encode()).hexdigest()[:16]
-            control = Path("/tmp") / f"fcdev-{digest}.ctl"
-        self.control_path = control
+        self.control_path = control_path(state_dir)
         self._ssh = _which("ssh")
 
     def _options(self) -> list[str]:

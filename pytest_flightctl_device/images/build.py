@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from typing import IO
 
 import requests
 
+from pytest_flightctl_device.core.atomic import atomic_write
 from pytest_flightctl_device.errors import ConfigError, PodmanError
 from pytest_flightctl_device.images.podman import Podman, Progress
 from pytest_flightctl_device.settings import Settings
@@ -250,13 +250,6 @@ def export_bundle(conn: Podman, built: BuiltImages, dest: Path, progress: Progre
 def copy_out(src: Path, dest: Path) -> Path:
     """Copy a cached artifact to a user path (temp + rename), leaving the cache entry intact."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp_name)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with src.open("rb") as source, atomic_write(dest) as out:
+        shutil.copyfileobj(source, out, 1 << 20)
     return dest

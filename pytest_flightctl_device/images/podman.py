@@ -29,6 +29,7 @@ import podman
 import requests
 from filelock import FileLock
 
+from pytest_flightctl_device.core.atomic import atomic_write, write_atomic
 from pytest_flightctl_device.core.formats import ManifestEntry as ManifestEntry  # re-exported: podman.ManifestEntry
 from pytest_flightctl_device.core.formats import read_manifest as read_manifest  # re-exported: podman.read_manifest
 from pytest_flightctl_device.core.liveness import Owner
@@ -72,13 +73,13 @@ def _die_with_parent() -> None:
 
 
 def _sweep_dead_services() -> None:
-    """Remove the socket directories of private services whose pytest is gone."""
+    """Remove the socket directories of private services whose pytest is gone (PID + start time)."""
     for directory in Path(tempfile.gettempdir()).glob(_SERVICE_PREFIX + "*"):
         try:
-            pid, start = (int(part) for part in (directory / "owner").read_text().split())
-        except (OSError, ValueError):
+            owner = Owner.from_token("-".join((directory / "owner").read_text().split()))
+        except OSError:
             continue
-        if not Owner(pid, start).alive():
+        if owner is not None and not owner.alive():
             shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -88,8 +89,7 @@ class PrivateService:
     def __init__(self, podman_bin: str) -> None:
         _sweep_dead_services()
         self._dir = Path(tempfile.mkdtemp(prefix=_SERVICE_PREFIX))
-        owner = Owner.current()
-        (self._dir / "owner").write_text(f"{owner.pid} {owner.start}\n")
+        write_atomic(self._dir / "owner", Owner.current().token + "\n")
         self.url = f"unix://{self._dir}/podman.sock"
         self._log = (self._dir / "service.log").open("wb")
         self.process = subprocess.Popen(
@@ -219,21 +219,12 @@ class Podman:
         if response.status_code != 200:
             self._json(response, f"export {', '.join(refs)}")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        tmp = Path(tmp_name)
         written = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
+        try:  # a truncated stream fails read_manifest and never becomes a bundle
+            with atomic_write(dest, check=read_manifest) as out:
                 for block in response.iter_content(CHUNK):
                     out.write(block)
                     written += len(block)
-                out.flush()
-                os.fsync(out.fileno())
-            read_manifest(tmp)  # a truncated stream must not become a bundle
-            tmp.rename(dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         finally:
             response.close()
         if progress:

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from pytest_flightctl_device.artifacts.cache import Cache, sha256_file
+from pytest_flightctl_device.core.formats import FILE
 from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.errors import MissingToolError
 from pytest_flightctl_device.images import podman
@@ -359,7 +360,7 @@ class Chaos:
         problems = [f"{problem.path.name}: {problem.reason}" for problem in cache.check()]
         for index_file in cache.index.glob("*.json"):
             data = json.loads(index_file.read_text())
-            if not cache.object_path(data["digest"], data["kind"]).is_file():
+            if cache.find(data["digest"], data["kind"]) is None:
                 problems.append(f"index {index_file.name} names a missing object")
         figures.corrupt_entries += len(problems)
         assert not problems, (f"round {index} ({phase}): the cache held unverified entries after kill -9: "
@@ -575,12 +576,13 @@ POINT_KILL = '''
 import os, signal, sys
 from pathlib import Path
 from pytest_flightctl_device.artifacts import cache
+from pytest_flightctl_device.core.formats import FILE
 
 root, point = Path(sys.argv[1]), sys.argv[2]
 real_replace = os.replace
 
 
-def replace(src, dst):
+def replace(src, dst):  # the cache's object rename and every core.atomic write go through here
     dst = Path(dst)
     in_objects = dst.parent.parent.name == "objects"
     if {"object": in_objects and dst.suffix != ".json", "sidecar": in_objects and dst.suffix == ".json",
@@ -590,7 +592,7 @@ def replace(src, dst):
 
 
 os.replace = replace
-cache.Cache(root).obtain("chaos:point", lambda tmp: tmp.write_bytes(b"chaos payload") and None, kind="file",
+cache.Cache(root).obtain("chaos:point", lambda tmp: tmp.write_bytes(b"chaos payload") and None, FILE,
                          source="chaos")
 '''
 
@@ -619,7 +621,7 @@ def test_kill_9_just_before_a_cache_rename_leaves_nothing_after_the_next_obtain(
     root = tmp_path / "cache"
     _kill_at(point, root)
     cache = Cache(root)
-    path = cache.obtain("chaos:point", _payload_producer(b"chaos payload"), kind="file", source="chaos")
+    path = cache.obtain("chaos:point", _payload_producer(b"chaos payload"), FILE, source="chaos")
     assert path.read_bytes() == b"chaos payload"
     assert cache.verify() == []
     digest = sha256_file(path)
@@ -674,6 +676,6 @@ def test_a_killed_download_nobody_resumes_is_removed_after_a_day_and_a_fresh_one
     day_ago = time.time() - 2 * 86400
     for path in old:
         os.utime(path, (day_ago, day_ago))  # the one simulated thing: a day passing
-    Cache(root).obtain("another:key", _payload_producer(b"x"), kind="file")
+    Cache(root).obtain("another:key", _payload_producer(b"x"), FILE)
     assert not any(p.exists() for p in old), "a day-old partial of a killed run stayed in the cache"
     assert all(p.exists() for p in fresh), "a fresh partial (resumable by the next run) was removed"

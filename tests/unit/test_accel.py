@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from pytest_flightctl_device.core.atomic import temp_path
+from pytest_flightctl_device.core.liveness import Owner, start_ticks
 from pytest_flightctl_device.devices import accel
 from pytest_flightctl_device.devices.accel import Accelerator, watch_kernel
 from pytest_flightctl_device.devices.console import ConsoleLog
@@ -69,10 +71,15 @@ def test_watch_kernel_stops_when_domain_dies(tmp_path: Path) -> None:
 
 def test_record_sweeps_temps_of_killed_writers(tmp_path: Path) -> None:
     verdicts = tmp_path / "accel.json"
-    dead = tmp_path / ".accel.json.999999999"  # no such pid: its writer was killed before the rename
+    gone = subprocess.Popen(["sleep", "30"])
+    dead_owner = Owner(gone.pid, start_ticks(gone.pid) or -1)
+    gone.kill()
+    gone.wait()
+    dead = tmp_path / f".accel.json.{dead_owner.token}.0badc0de.tmp"  # killed before its rename
     dead.write_text("{")
-    live = tmp_path / f".accel.json.{os.getpid()}-other"  # not a pid suffix: swept too
+    live = temp_path(verdicts)  # a live writer's (this process): kept
     live.write_text("{")
     Accelerator("auto", verdicts).record(True, "kernel printed")
-    assert not dead.exists() and not live.exists()
+    assert not dead.exists() and live.exists()
+    live.unlink()
     assert [p.name for p in tmp_path.iterdir()] == ["accel.json"]

@@ -47,3 +47,19 @@ def test_sweep_removes_only_dead_writers_temps(tmp_path: Path) -> None:
     assert sweep_temps(tmp_path) == 1
     assert not dead.exists() and mine.exists() and unrelated.exists()
     os.unlink(mine)
+
+
+def test_a_failed_check_keeps_the_old_file_and_removes_the_temp(tmp_path: Path) -> None:
+    dest = tmp_path / "bundle.tar"
+    dest.write_bytes(b"old")
+    seen: list[Path] = []
+
+    def check(temp: Path) -> None:
+        seen.append(temp)
+        assert temp.read_bytes() == b"truncated"  # synced and complete before the check runs
+        raise ValueError("not a bundle")
+
+    with pytest.raises(ValueError, match="not a bundle"), atomic_write(dest, check=check) as handle:
+        handle.write(b"truncated")
+    assert dest.read_bytes() == b"old" and seen and not seen[0].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.tar"]

@@ -10,7 +10,8 @@ import pytest
 
 from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices import domain
-from pytest_flightctl_device.devices.domain import METADATA_NS, DomainSpec, owner_metadata, render, start_domain
+from pytest_flightctl_device.devices.domain import DomainSpec, owner_metadata, render, start_domain
+from pytest_flightctl_device.devices.janitor import METADATA_NS
 from pytest_flightctl_device.errors import BootError, ConfigError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"

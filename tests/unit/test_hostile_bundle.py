@@ -21,8 +21,7 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from pytest_flightctl_device.artifacts.cache import bundle_tags
-from pytest_flightctl_device.core.formats import MANIFEST_MAX_BYTES, ManifestEntry, read_manifest
+from pytest_flightctl_device.core.formats import MANIFEST_MAX_BYTES, ManifestEntry, bundle_tags, read_manifest
 from pytest_flightctl_device.errors import ArtifactError, DeviceError
 from tests.support.hostile import BOUNDED, clear_error, jail
 
@@ -170,7 +169,7 @@ def check_manifest(manifest: Any) -> bool:
     expected = strictly_valid(manifest)
     entries, tags = read_both(bundle(json.dumps(manifest).encode()))
     assert entries == expected, f"read_manifest gave {entries!r:.200} for {manifest!r:.300}"
-    if tags is not None:  # the cache's quick check (cache.bundle_tags) only has to not crash
+    if tags is not None:  # the quick check (formats.bundle_tags) only has to not crash
         assert isinstance(tags, list) and tags
     return entries is not None
 

@@ -19,3 +19,9 @@ def test_dead_and_reused_pids() -> None:
     proc.kill()
     proc.wait()
     assert not owner.alive()
+
+
+def test_token_round_trip_and_junk() -> None:
+    me = Owner.current()
+    assert Owner.from_token(me.token) == me and me.token == f"{me.pid}-{me.start}"
+    assert Owner.from_token("12") is None and Owner.from_token("a-1") is None and Owner.from_token("") is None

@@ -14,6 +14,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from pytest_flightctl_device.artifacts.cache import Cache
+from pytest_flightctl_device.core.formats import BUNDLE, QCOW2
 from pytest_flightctl_device.images import build, podman, qcow2
 from pytest_flightctl_device.images.podman import Progress
 from pytest_flightctl_device.settings import Settings
@@ -49,7 +50,7 @@ def build_bundle(settings: Settings, cache: Cache, progress: Progress, pod: podm
     def produce(tmp: Path) -> None:
         build.export_bundle(conn, built, tmp, progress)
 
-    return cache.obtain(bundle_key(built), produce, kind="bundle",
+    return cache.obtain(bundle_key(built), produce, BUNDLE,
                         source=f"local build {built.refs['base']}")
 
 
@@ -69,4 +70,4 @@ def qcow2_of(settings: Settings, ref: str, image_id: str, cache: Cache, progress
     def produce(tmp: Path) -> None:
         qcow2.build(conn, ref, tmp, settings, progress)
 
-    return cache.obtain(key, produce, kind="qcow2", source=f"bootc-image-builder of {ref}")
+    return cache.obtain(key, produce, QCOW2, source=f"bootc-image-builder of {ref}")

@@ -37,6 +37,7 @@ from pytest_flightctl_device.artifacts.sources.zipmember import (
     extract_single,
     read_plan,
 )
+from pytest_flightctl_device.core.formats import FORMATS
 from pytest_flightctl_device.errors import ArtifactError, GitHubError
 from pytest_flightctl_device.settings import Settings
 
@@ -434,7 +435,7 @@ class GitHubSource:
         def waiting() -> None:
             self.say(f"{label}: another process is downloading it; waiting")
 
-        return self.cache.obtain(key, produce, kind=kind, source=f"github:{self.client.repo} {label}",
+        return self.cache.obtain(key, produce, FORMATS[kind], source=f"github:{self.client.repo} {label}",
                                  waiting=waiting)
 
 

@@ -30,6 +30,7 @@ from requests.adapters import HTTPAdapter
 
 from pytest_flightctl_device.artifacts.cache import Cache
 from pytest_flightctl_device.core.atomic import write_atomic
+from pytest_flightctl_device.core.formats import FORMATS
 from pytest_flightctl_device.errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -567,4 +568,4 @@ def fetch_url(url: str, cache: Cache, *, kind: str, sha256: str | None,
         if say:
             say(f"{label}: another process is downloading it; waiting")
 
-    return cache.obtain(key, produce, kind=kind, expected_sha256=sha256, source=redact(url), waiting=waiting)
+    return cache.obtain(key, produce, FORMATS[kind], expected_sha256=sha256, source=redact(url), waiting=waiting)

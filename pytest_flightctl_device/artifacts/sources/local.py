@@ -2,51 +2,26 @@
 
 A multi-GiB qcow2 or bundle on local disk gains nothing from a second copy in the cache, so it
 is used where it is. What is remembered in the cache is only the verdict of an expensive check
-(the sha256 of a big file), keyed by the file's identity, so a warm run does not hash it again.
+(the sha256 of a big file, `Cache.local_sha256`), keyed by its identity: a warm run does not hash it again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
-from pytest_flightctl_device.artifacts.cache import (
-    Cache,
-    _write_json,
-    bundle_tags,
-    check_qcow2,
-    qcow2_info,
-    sha256_file,
-)
+from pytest_flightctl_device.artifacts.cache import Cache, sha256_file
+from pytest_flightctl_device.core.formats import bundle_tags, check_qcow2, qcow2_info
 from pytest_flightctl_device.errors import ArtifactError, ConfigError
 
 
-def _identity(path: Path) -> str:
-    stat = path.stat()
-    return f"{path}:{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
 def _check_sha256(path: Path, expected: str, option: str, cache: Cache | None) -> None:
-    memo: Path | None = None
-    if cache is not None:
-        name = hashlib.sha256(_identity(path).encode()).hexdigest()[:40]
-        memo = cache.root / "verified" / f"{name}.json"
-        try:
-            if json.loads(memo.read_text()).get("sha256") == expected:
-                return
-        except (OSError, ValueError):
-            pass
-    digest = sha256_file(path)
+    digest = cache.local_sha256(path) if cache is not None else sha256_file(path)
     if digest != expected:
         raise ConfigError(
             f"{path} has sha256 {digest}, not the {expected} given with {option}; "
             "give the right file or digest."
         )
-    if memo is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(memo, {"path": str(path), "identity": _identity(path), "sha256": digest})
 
 
 def _existing(text: str, option: str, what: str) -> Path:
