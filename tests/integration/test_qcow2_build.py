@@ -88,10 +88,11 @@ def test_second_request_is_a_cache_hit(podman_conn: podman.Podman, bib_stand_in:
     base_id = podman_conn.image_id(busybox_base)
     assert base_id is not None
     first: list[str] = []
-    path = qcow2_of(settings, busybox_base, base_id, cache, first.append)
-    assert any(line.startswith("[bib] ") for line in first)
-    second: list[str] = []
-    assert qcow2_of(settings, busybox_base, base_id, cache, second.append) == path
+    with podman.PodmanSession(settings) as pod:
+        path = qcow2_of(settings, busybox_base, base_id, cache, first.append, pod)
+        assert any(line.startswith("[bib] ") for line in first)
+        second: list[str] = []
+        assert qcow2_of(settings, busybox_base, base_id, cache, second.append, pod) == path
     assert second == []  # nothing ran, not even the builder's pull check said anything
     other_config = tmp_path / "c.toml"
     other_config.write_text("# another config makes another key\n")
