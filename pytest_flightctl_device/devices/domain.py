@@ -125,9 +125,6 @@ def render(spec: DomainSpec) -> str:
 # -- starting ---------------------------------------------------------------------------------------
 
 PORT_ATTEMPTS = 3
-# Start paused, then resume: a kill -9 of the starting process that lands inside createXML lets
-# libvirt finish the start before it autodestroys; paused, the guest does not run meanwhile.
-START_PAUSED = True
 
 
 def open_libvirt(uri: str) -> Any:
@@ -171,8 +168,6 @@ def start_domain(conn: Any, spec_for: Callable[[int], DomainSpec], *, ports_lock
     import libvirt
 
     flags = libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0
-    if START_PAUSED:
-        flags |= libvirt.VIR_DOMAIN_START_PAUSED
     last_error = ""
     spec: DomainSpec | None = None
     for _attempt in range(PORT_ATTEMPTS):
@@ -185,13 +180,6 @@ def start_domain(conn: Any, spec_for: Callable[[int], DomainSpec], *, ports_lock
                 if "host forwarding" in last_error or "Address already in use" in last_error:
                     continue
                 break
-        if START_PAUSED:
-            try:
-                dom.resume()
-            except libvirt.libvirtError as exc:
-                destroy_domain(dom)
-                raise BootError(f"libvirt could not resume device VM {spec.name}: "
-                                f"{exc.get_error_message() or exc}") from None
         return dom, spec
     name = spec.name if spec else "?"
     if "Permission denied" in last_error and "backing file" in last_error:
