@@ -57,9 +57,11 @@ def test_fetch_then_cache_ls_verify_prune(gh: GitHubEmulator, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert sha(out / "agent-images-bundle.tar") == sha(bundle) and sha(out / "agent-qcow2-image.qcow2") == sha(qcow2)
     assert "bundle: " in result.stdout and "qcow2: " in result.stdout
+    cold = len(gh.blob_log)
+    assert len({request.artifact_id for request in gh.blob_log}) == 2  # both artifacts were downloaded
 
     again = cli("fetch", "--run", str(run.id), "--api-url", gh.api_url, "--cache-dir", cache_dir)
-    assert again.returncode == 0 and len(gh.blob_log) == 2  # warm: nothing downloaded
+    assert again.returncode == 0 and len(gh.blob_log) == cold  # warm: nothing downloaded
 
     listing = cli("cache", "ls", "--cache-dir", cache_dir)
     assert listing.returncode == 0 and "2 artifact(s)" in listing.stdout and "agent-qcow2-image-cs9-t" in listing.stdout
