@@ -1,17 +1,23 @@
 """Images benchmark: prints one JSON object.
 
-- load: the plugin's streamed API load vs `podman load` (CLI) of the same 1 GiB bundle, each from
-  an empty slot (the image removed before every load), median of ROUNDS; target ratio <= 1.1.
-- peak RSS of the process doing the plugin load (a fresh subprocess); target <= 64 MiB.
+- load: `podman load` (CLI) vs the plugin's load_bundle of the same 1 GiB bundle, each from an
+  empty slot (the image removed before every load), rounds interleaved with the order rotating, so
+  host load hits all alike; median of --rounds; target ratio <= 1.1. Two plugin contenders: its
+  default on a local socket (the service reads the file itself) and the upload it uses for any
+  other service (`server_side_load = False`, what podman 4.3 spools to /var/tmp).
+- peak RSS of the process doing each plugin load (a fresh subprocess); target <= 64 MiB.
 - warm agent_images: connect + load_bundle when every tag is present (skip path); target <= 1 s.
 - parallel variant build wall time vs base + slowest variant built alone; target <= 1.15x.
 
 Everything it creates is named localhost/pftd-bench/... or lives under a temp dir, and is removed
-at the end. Needs podman (and CONTAINERS_CONF on hosts that need one, as in CI).
+at the end. Needs podman able to run a build (scripts/setup makes sure of that).
+
+    .venv/bin/python benchmarks/images.py [--rounds 3] [--load-only]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -32,7 +38,6 @@ from tests.support.images.stand_ins import TEST_CONTAINERFILES, busybox_rootfs_t
 
 REPO = "localhost/pftd-bench"
 BIG = f"{REPO}/big:base-1gib"  # <repo>:<variant>-<tag>, as load_bundle expects
-ROUNDS = 2
 STEP_SLEEP = "4"
 
 LOADER = """
@@ -43,6 +48,7 @@ from pytest_flightctl_device.images import podman
 from pytest_flightctl_device.settings import Settings
 settings = Settings(podman_url=sys.argv[1], image_repo=sys.argv[3], image_tag=sys.argv[4], variants=("base",))
 conn = podman.connect(settings)
+conn.server_side_load = sys.argv[6] == "server"
 t1 = time.perf_counter()
 loaded = podman.load_bundle(conn, Path(sys.argv[2]), settings, Path(sys.argv[5]))
 t2 = time.perf_counter()
@@ -57,8 +63,8 @@ def timed(fn: object) -> float:
     return time.perf_counter() - start
 
 
-def plugin_load(url: str, bundle: Path, lock_dir: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", LOADER, url, str(bundle), f"{REPO}/big", "1gib", str(lock_dir)],
+def plugin_load(url: str, bundle: Path, lock_dir: Path, mode: str = "server") -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", LOADER, url, str(bundle), f"{REPO}/big", "1gib", str(lock_dir), mode],
                          cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -66,7 +72,15 @@ def plugin_load(url: str, bundle: Path, lock_dir: Path) -> dict[str, float]:
     return result
 
 
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved load rounds")
+    parser.add_argument("--load-only", action="store_true", help="skip the build measurements")
+    return parser.parse_args()
+
+
 def main() -> None:
+    args = _args()
     work = Path(tempfile.mkdtemp(prefix="pftd-bench-", dir="/var/tmp"))
     conn = podman.connect(Settings())
     made: list[str] = []
@@ -84,19 +98,47 @@ def main() -> None:
         bundle = work / "bundle.tar"
         conn.export([BIG], bundle)
         size_mib = bundle.stat().st_size / 2**20
+        big_id = conn.image_id(BIG)
 
-        cli_times, api_times, rss = [], [], []
-        for _ in range(ROUNDS):
-            conn.api.delete(f"/images/{BIG}")
-            cli_times.append(timed(lambda: subprocess.run(["podman", "load", "-q", "-i", str(bundle)],
-                                                          check=True, capture_output=True)))
-            conn.api.delete(f"/images/{BIG}")
-            result = plugin_load(conn.url, bundle, work / "locks")
-            assert result["loaded"]
-            api_times.append(result["load_s"])
-            rss.append(result["maxrss_mib"])
+        def cli() -> dict[str, float]:
+            return {"load_s": timed(lambda: subprocess.run(["podman", "load", "-q", "-i", str(bundle)],
+                                                           check=True, capture_output=True))}
+
+        contenders = {"cli": cli,
+                      "plugin": lambda: plugin_load(conn.url, bundle, work / "locks", "server"),
+                      "plugin_upload": lambda: plugin_load(conn.url, bundle, work / "locks", "upload")}
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
+        orders: list[list[str]] = []
+        names = list(contenders)
+        for index in range(args.rounds):
+            order = names[index % len(names):] + names[:index % len(names)]
+            orders.append(order)
+            for name in order:
+                conn.api.delete(f"/images/{BIG}")
+                result = contenders[name]()
+                assert conn.image_id(BIG) == big_id, f"{name} loaded another image ID"
+                assert result.get("loaded", True), f"{name} skipped the load"
+                samples[name].append(result)
         warm = [plugin_load(conn.url, bundle, work / "locks") for _ in range(3)]
         assert not any(w["loaded"] for w in warm)
+        times = {name: [s["load_s"] for s in runs] for name, runs in samples.items()}
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        report: dict[str, object] = {
+            "bundle_mib": round(size_mib), "rounds": args.rounds, "order_per_round": orders,
+            "load_s": {name: [round(t, 2) for t in ts] for name, ts in times.items()},
+            "load_median_s": {name: round(m, 2) for name, m in medians.items()},
+            "load_mib_per_s": {name: round(size_mib / m) for name, m in medians.items()},
+            "load_ratio_plugin_vs_cli": round(medians["plugin"] / medians["cli"], 3), "load_ratio_target": 1.1,
+            "load_ratio_plugin_upload_vs_cli": round(medians["plugin_upload"] / medians["cli"], 3),
+            "load_peak_rss_mib": {name: round(max(s["maxrss_mib"] for s in samples[name]), 1)
+                                  for name in ("plugin", "plugin_upload")},
+            "load_peak_rss_target_mib": 64,
+            "warm_agent_images_s": [round(w["connect_s"] + w["load_s"], 3) for w in warm],
+            "warm_agent_images_target_s": 1.0,
+        }
+        if args.load_only:
+            print(json.dumps(report, indent=1))
+            return
 
         nonce = uuid.uuid4().hex[:8]
         seq_settings = dataclasses.replace(Settings(), containerfiles=TEST_CONTAINERFILES, base_image=base,
@@ -113,17 +155,9 @@ def main() -> None:
         parallel_s = timed(lambda: build.build_all(conn, par_plan, quiet))
         made += [par_plan.ref(v) for v in par_plan.variants]
 
-        cli_med, api_med = statistics.median(cli_times), statistics.median(api_times)
         serial_bound = base_s + max(variant_s.values())
         print(json.dumps({
-            "bundle_mib": round(size_mib),
-            "load_cli_s": [round(t, 2) for t in cli_times],
-            "load_plugin_s": [round(t, 2) for t in api_times],
-            "load_ratio_plugin_vs_cli": round(api_med / cli_med, 3), "load_ratio_target": 1.1,
-            "load_plugin_mib_per_s": round(size_mib / api_med), "load_cli_mib_per_s": round(size_mib / cli_med),
-            "load_peak_rss_mib": round(max(rss), 1), "load_peak_rss_target_mib": 64,
-            "warm_agent_images_s": [round(w["connect_s"] + w["load_s"], 3) for w in warm],
-            "warm_agent_images_target_s": 1.0,
+            **report,
             "build_base_s": round(base_s, 2), "build_variant_alone_s": {k: round(v, 2) for k, v in variant_s.items()},
             "build_parallel_all_s": round(parallel_s, 2),
             "build_ratio_vs_base_plus_slowest": round(parallel_s / serial_bound, 3), "build_ratio_target": 1.15,

@@ -2,8 +2,9 @@
 
 One connection per session (PodmanSession, owned by who made it). When no URL is configured and the default socket does
 not answer, a private `podman system service` is started for the process and stopped (that PID
-only) when the process ends. Loads and exports stream in 1 MiB chunks: podman-py's own
-`images.load` reads the whole file into memory, which a 1 GiB bundle cannot afford.
+only) when the process ends. A service on this host reads a bundle from its path itself; any other
+gets it uploaded. Uploads and exports stream in 1 MiB chunks: podman-py's own `images.load` reads
+the whole file into memory, which a 1 GiB bundle cannot afford.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import atexit
 import contextlib
 import ctypes
 import hashlib
+import io
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -196,6 +201,44 @@ class Podman:
 
     # -- streaming transfers ---------------------------------------------------------------------
 
+    # Read by the service itself when it listens on a unix socket here; False: always upload.
+    server_side_load = True
+
+    def load(self, bundle: Path, count: int) -> list[str]:
+        """Load the `count` images of a docker-archive: read by a service on this host, else uploaded."""
+        path = bundle.resolve()
+        if self.server_side_load and self.url.startswith("unix://") and _SAFE_PATH.fullmatch(str(path)):
+            try:
+                return self.load_local(path, count)
+            except PodmanError as exc:  # e.g. a socket forwarded to a VM that cannot see this path
+                log.info("podman could not read %s itself, uploading it instead: %s", bundle, exc)
+        return self.load_stream(bundle)
+
+    def load_local(self, bundle: Path, count: int) -> list[str]:
+        """One FROM-only build per image (`FROM docker-archive:PATH:@N`): the service copies the image
+        from the file, keeping its ID and the archive's tags, as `podman load` does, without the
+        upload that podman 4.3's /images/load first spools to /var/tmp. Returns the image IDs."""
+        ids: list[str] = []
+        for index in range(count):
+            context = _context_tar(f"FROM docker-archive:{bundle}:@{index}\n")
+            try:
+                # forcerm: buildah 1.28 leaves a FROM-only build's working container behind otherwise
+                response = self.api.post("/build", params={"dockerfile": "Containerfile", "forcerm": True},
+                                         data=context, headers={"Content-Type": "application/x-tar"}, stream=True)
+                lines = [line for line in response.iter_lines() if line]
+            except requests.RequestException as exc:
+                raise PodmanError(f"podman at {self.url} dropped the load of {bundle} ({exc}).") from None
+            if response.status_code >= 400:
+                self._json(response, f"load {bundle}")
+            items = [_json_line(line) for line in lines]
+            errors = [str(item["error"]).strip() for item in items if "error" in item]
+            last = str(items[-1].get("stream", "")).strip() if items else ""
+            if errors or not re.fullmatch(r"[0-9a-f]{64}", last):
+                raise PodmanError(f"podman at {self.url} could not read image {index} of {bundle}: "
+                                  f"{(errors or [last or 'no output'])[-1][:500]}.")
+            ids.append(last)
+        return ids
+
     def load_stream(self, bundle: Path) -> list[str]:
         """POST the tar to /images/load in 1 MiB chunks; returns the names podman reports loaded."""
         def chunks() -> Iterator[bytes]:
@@ -239,6 +282,29 @@ class Podman:
                 detail = response.text
             raise PodmanError(f"podman at {self.url} could not {what}: {str(detail).strip()[:500]}.")
         return response.json()
+
+
+# An absolute path that a Containerfile's FROM line and docker-archive's PATH[:@N] carry verbatim.
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._+/-]+")
+
+
+def _context_tar(containerfile: str) -> bytes:
+    """A build context holding only `Containerfile`."""
+    data = containerfile.encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("Containerfile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _json_line(line: bytes) -> dict[str, Any]:
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return {"stream": line.decode(errors="replace")}
+    return item if isinstance(item, dict) else {"stream": str(item)}
 
 
 def connect(settings: Settings, env: Mapping[str, str] | None = None,
@@ -358,7 +424,7 @@ def load_bundle(conn: Podman, bundle: Path, settings: Settings, lock_dir: Path,
             size = bundle.stat().st_size / 2**20
             if progress:
                 progress(f"loading {bundle.name} ({size:.0f} MiB) into podman at {conn.url}")
-            conn.load_stream(bundle)
+            conn.load(bundle, len(manifest))
             loaded = True
             present = conn.tag_ids()
     missing = [tag for tag in wanted.values() if tag not in present]

@@ -168,3 +168,41 @@ def test_bib_command_line_and_cache_key(tmp_path: Path) -> None:
             qcow2.cache_key(ID_A, "bib:1", ID_B, config)}
     assert len(keys) == 5
     assert qcow2.cache_key(ID_A, "bib:1", ID_B, config) == qcow2.cache_key(ID_A, "bib:1", ID_B, config)
+
+
+# -- which way a bundle is loaded ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "bundle", "server_side", "local_fails", "way"), [
+    ("unix:///run/podman/podman.sock", "/var/cache/b.tar", True, False, "local"),
+    ("unix:///run/podman/podman.sock", "/var/cache/b.tar", True, True, "upload"),  # e.g. a VM's socket
+    ("unix:///run/podman/podman.sock", "/var/cache/b.tar", False, False, "upload"),
+    ("unix:///run/podman/podman.sock", "/var/cache/a:b.tar", True, False, "upload"),  # docker-archive's ':'
+    ("unix:///run/podman/podman.sock", "/var/cache/a b.tar", True, False, "upload"),  # a FROM line's space
+    ("tcp://127.0.0.1:8888", "/var/cache/b.tar", True, False, "upload"),
+])
+def test_a_service_on_this_host_reads_the_bundle_any_other_gets_it_uploaded(
+        monkeypatch: pytest.MonkeyPatch, url: str, bundle: str, server_side: bool, local_fails: bool,
+        way: str) -> None:
+    conn = podman.Podman(url)
+    conn.server_side_load = server_side
+    used: list[tuple[str, Path]] = []
+
+    def local(path: Path, count: int) -> list[str]:
+        used.append(("local", path))
+        if local_fails:
+            raise PodmanError("no such file or directory")
+        return []
+
+    monkeypatch.setattr(conn, "load_local", local)
+    monkeypatch.setattr(conn, "load_stream", lambda path: used.append(("upload", path)) or [])
+    conn.load(Path(bundle), 4)
+    assert used[-1] == (way, Path(bundle))
+    conn.client.close()
+
+
+def test_the_build_context_holds_only_the_from_line() -> None:
+    with tarfile.open(fileobj=io.BytesIO(podman._context_tar("FROM docker-archive:/b.tar:@1\n"))) as tar:
+        assert tar.getnames() == ["Containerfile"]
+        handle = tar.extractfile("Containerfile")
+        assert handle is not None and handle.read() == b"FROM docker-archive:/b.tar:@1\n"
