@@ -133,18 +133,21 @@ class SshClient:
         self._ssh = _which("ssh")
 
     def _options(self) -> list[str]:
+        """Everything explicit, nothing from ~/.ssh/config (-F none): a user's `Host *` proxy or
+        multiplexing settings must not reach a loopback device."""
         return [
+            "-F", "none",
             "-o", "BatchMode=yes",
             "-o", "IdentitiesOnly=yes",
             "-o", "IdentityAgent=none",
             "-o", "StrictHostKeyChecking=accept-new",
-            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", f"UserKnownHostsFile={_config_path(self.known_hosts)}",
             "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR",
             "-o", "ConnectTimeout=20",
             "-o", "ServerAliveInterval=5",
             "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={self.control_path}",
+            "-o", f"ControlPath={_config_path(self.control_path)}",
             "-o", "ControlPersist=600",
             "-i", str(self.key),
             "-p", str(self.port),
@@ -184,8 +187,13 @@ class SshClient:
 
     def get_file(self, remote: str, local: Path, *, sudo: bool = False) -> Path:
         prefix = "sudo " if sudo else ""
-        proc = subprocess.run(self.argv(f"{prefix}cat {shlex.quote(remote)}"), capture_output=True,
-                              timeout=600, check=False)
+        try:
+            proc = subprocess.run(self.argv(f"{prefix}cat {shlex.quote(remote)}"), capture_output=True,
+                                  timeout=600, check=False)
+        except subprocess.TimeoutExpired:
+            raise GuestCommandError(f"reading {remote} from the device did not finish within 600 s on "
+                                    f"127.0.0.1:{self.port}; look at the console log.",
+                                    exit_code=-1, stdout="", stderr="") from None
         if proc.returncode != 0:
             raise GuestCommandError(
                 f"cannot read {remote} from the device: {_text(proc.stderr).strip() or 'cat failed'}",
@@ -210,7 +218,8 @@ class SshClient:
         within 10 s is left to exit with its connection (teardown destroys the VM next)."""
         if self.control_path.exists():
             with contextlib.suppress(subprocess.TimeoutExpired):
-                subprocess.run([self._ssh, "-o", f"ControlPath={self.control_path}", "-O", "exit",
+                subprocess.run([self._ssh, "-F", "none", "-o", f"ControlPath={_config_path(self.control_path)}",
+                                "-O", "exit",
                                 f"{self.user}@{self.host}"], capture_output=True, timeout=10, check=False)
             self.control_path.unlink(missing_ok=True)
 
@@ -221,6 +230,12 @@ class SshClient:
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "IdentitiesOnly=yes", f"{self.user}@{self.host}",
         ])
+
+
+def _config_path(path: Path) -> str:
+    """A path as an ssh -o value: quoted (a space would split it) and with `%` doubled (ssh
+    expands %-tokens in ControlPath and UserKnownHostsFile)."""
+    return '"' + str(path).replace("%", "%%") + '"'
 
 
 def _which(tool: str) -> str:

@@ -253,15 +253,15 @@ def test_options_as_openssh_reads_them(tmp_path: Path) -> None:
     assert f"identityfile {tmp_path / 'vm' / 'id_ed25519'}" in proc.stdout.splitlines()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG ssh.py SshClient._options: a space in the state directory splits "
-                                       "UserKnownHostsFile=/ControlPath= values; OpenSSH rejects the line")
-def test_options_survive_a_state_directory_with_a_space(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["my devices", "100%b"])
+def test_options_survive_a_state_directory_with_a_space_or_percent(tmp_path: Path, name: str) -> None:
     require_tool("ssh")
-    client = client_for(tmp_path / "my devices" / "vm")
+    client = client_for(tmp_path / name / "vm")
     argv = client.argv("true")
     proc = subprocess.run([argv[0], "-G", *argv[1:-1]], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert f"controlpath {tmp_path / 'my devices' / 'vm' / 'ssh.ctl'}" in proc.stdout.splitlines()
+    assert f"controlpath {tmp_path / name / 'vm' / 'ssh.ctl'}" in proc.stdout.splitlines()
+    assert f"userknownhostsfile {tmp_path / name / 'vm' / 'known_hosts'}" in proc.stdout.splitlines()
 
 
 def test_command_line_is_a_pasteable_login(tmp_path: Path) -> None:
