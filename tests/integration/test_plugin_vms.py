@@ -6,7 +6,6 @@ import functools
 import http.server
 import json
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.settings import Settings
+from tests.support.helpers import serving
 
 pytest_plugins = ["pytester"]
 
@@ -146,13 +146,9 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 @contextmanager
 def _file_server(directory: Path) -> Iterator[int]:
     """A loopback HTTP server over `directory`: a missing file is a real 404."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(directory)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                 functools.partial(_Quiet, directory=str(directory)))) as port:
+        yield port
 
 
 def _printed_once(text: str, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import socketserver
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,12 +50,18 @@ class _Hello(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def hello_server() -> Iterator[int]:
-    """A loopback HTTP service answering every GET with HELLO: a host service for a guest to reach."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+def serving(server: socketserver.TCPServer) -> Iterator[int]:
+    """Serve `server` (bound to 127.0.0.1) on a thread for the block; yield its port; stop it after."""
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield server.server_address[1]
+        yield int(server.server_address[1])
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def hello_server() -> Iterator[int]:
+    """A loopback HTTP service answering every GET with HELLO: a host service for a guest to reach."""
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)) as port:
+        yield port

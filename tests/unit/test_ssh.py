@@ -260,7 +260,7 @@ def test_options_survive_a_state_directory_with_a_space_or_percent(tmp_path: Pat
     argv = client.argv("true")
     proc = subprocess.run([argv[0], "-G", *argv[1:-1]], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert f"controlpath {tmp_path / name / 'vm' / 'ssh.ctl'}" in proc.stdout.splitlines()
+    assert f"controlpath {client.control_path}" in proc.stdout.splitlines()
     assert f"userknownhostsfile {tmp_path / name / 'vm' / 'known_hosts'}" in proc.stdout.splitlines()
 
 
