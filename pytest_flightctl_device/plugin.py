@@ -257,8 +257,10 @@ def device_vm(request: pytest.FixtureRequest, device_vm_factory: DeviceVMFactory
     """A fresh, ready device for this test; `@pytest.mark.device(...)` says which."""
     marker = request.node.get_closest_marker("device")
     node = request.node.nodeid
+    remap = _remap_for(request)
     vm = _guarded(settings_of(request.config), lambda: device_vm_factory.create(
-        device_vm_factory.request_from_marker(marker.args, marker.kwargs) if marker else None, for_test=node))
+        device_vm_factory.request_from_marker(marker.args, marker.kwargs) if marker else None, for_test=node,
+        registry=remap))
     yield vm
     failed = any(report.failed for report in request.node.stash.get(_REPORTS_KEY, {}).values())
     kept = device_vm_factory.finish(vm, failed=failed)
@@ -317,3 +319,38 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     summary = stats.summary() if stats is not None else None
     if summary:
         terminalreporter.write_line(f"flightctl-device: {summary}")
+
+
+# -- registry: agent_registry ---------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from pytest_flightctl_device.devices.remap import RegistryRemap
+    from pytest_flightctl_device.images.publish import AgentRegistry
+
+
+@pytest.fixture(scope="session")
+def agent_registry(request: pytest.FixtureRequest, agent_images_bundle: Path) -> Iterator[AgentRegistry]:
+    """Every variant of the bundle in a registry the devices pull from, pushed once per registry.
+
+    --device-registry HOST:PORT[/NAMESPACE] names an existing one; else a private registry on
+    127.0.0.1 (one per cache dir, shared by workers and runs). A test that requests this fixture
+    gets devices whose registries.conf.d remaps --device-image-repo's namespace to it, so
+    `device_vm.image("v2")` (`<image_repo>:v2-<tag>`) pulls from it; `.ref(variant)`, `.digests`.
+    """
+    from pytest_flightctl_device.images import publish
+
+    settings = settings_of(request.config)
+    progress = _artifact_progress(request.config)
+    held = _guarded(settings, lambda: publish.open_registry(settings, agent_images_bundle, progress))
+    try:
+        yield held
+    finally:
+        held.release()
+
+
+def _remap_for(request: pytest.FixtureRequest) -> RegistryRemap | None:
+    """agent_registry's remap when this test requested it (set up first, so it fails before a boot)."""
+    if "agent_registry" not in request.fixturenames:
+        return None
+    held: AgentRegistry = request.getfixturevalue("agent_registry")
+    return held.remap

@@ -134,6 +134,20 @@ def _port(text: str) -> int:
     return value
 
 
+def _registry(text: str) -> str:
+    """HOST:PORT[/NAMESPACE]: a registry address (IPv6 in brackets) and an optional path prefix."""
+    value = text.strip().removeprefix("docker://").rstrip("/")
+    address, _, namespace = value.partition("/")
+    host, _, port = address.rpartition(":")
+    host_ok = re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host or "")
+    if not host_ok or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError("is not HOST:PORT[/NAMESPACE]; give the registry as HOST:PORT, such as 127.0.0.1:5000")
+    component = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+    if namespace and not re.fullmatch(rf"{component}(?:/{component})*", namespace):
+        raise ValueError("has a NAMESPACE that is not a lower-case repository path; give one such as ci/flightctl")
+    return value
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("is empty; give a value or leave the option out")
@@ -245,6 +259,13 @@ KNOBS: tuple[Knob, ...] = (
          metavar="user|isolated"),
     Knob("host-forward", "Host loopback port made reachable in the guest at 127.0.0.1:PORT "
          "(repeatable).", _port, (), "none", multi=True, metavar="PORT"),
+    Knob("registry", "Registry (HOST:PORT[/NAMESPACE]) agent_registry pushes the bundle to and devices "
+         "pull the variants from; default a private registry on 127.0.0.1 for the session.", _registry,
+         metavar="HOST:PORT[/NS]"),
+    Knob("registry-ca", "CA certificate (PEM) of a TLS --device-registry, also installed in the devices.",
+         _file, metavar="FILE"),
+    Knob("registry-insecure", "--device-registry speaks plain HTTP (devices get insecure = true).", _bool,
+         False, flag=True),
     Knob("firmware", "Guest firmware.", _choice("bios", "uefi"), "bios", metavar="bios|uefi"),
     Knob("prefetch", "Boot the next default device in the background while a test runs, so the next "
          "request is served at once (one spare VM per worker, holding a --device-max-vms slot).", _bool,
@@ -328,6 +349,9 @@ class Settings:
     require: bool = field(default_factory=_default("require"))
     network: str = field(default_factory=_default("network"))
     host_forward: tuple[int, ...] = field(default_factory=_default("host_forward"))
+    registry: str | None = field(default_factory=_default("registry"))
+    registry_ca: Path | None = field(default_factory=_default("registry_ca"))
+    registry_insecure: bool = field(default_factory=_default("registry_insecure"))
     firmware: str = field(default_factory=_default("firmware"))
     prefetch: bool = field(default_factory=_default("prefetch"))
     max_vms: int | None = field(default_factory=_default("max_vms"))
@@ -387,6 +411,14 @@ class Settings:
                 "--device-agent-certs needs --device-enrollment-server; "
                 "give the enrollment service URL (https://host:port)."
             )
+
+        if (self.registry_ca or self.registry_insecure) and not self.registry:
+            given = "--device-registry-ca" if self.registry_ca else "--device-registry-insecure"
+            raise ConfigError(f"{given} was given without --device-registry; give the registry as "
+                              "--device-registry HOST:PORT, or drop it to use the private registry.")
+        if self.registry_ca and self.registry_insecure:
+            raise ConfigError("--device-registry-ca and --device-registry-insecure were both given; "
+                              "give the CA for a TLS registry or the flag for a plain HTTP one, not both.")
 
         github = [k for k in ("github_run", "github_pr", "github_ref") if getattr(self, k) is not None]
         if len(github) > 1:

@@ -46,6 +46,7 @@ from pytest_flightctl_device.devices.ssh import KeyPair, SshClient
 from pytest_flightctl_device.errors import BootError
 
 if TYPE_CHECKING:
+    from pytest_flightctl_device.devices.remap import RegistryRemap
     from pytest_flightctl_device.devices.vm import VMRequest
 
 SLOT_WAIT_S = 3600.0  # a queued boot waits this long for a free VM slot (--device-max-vms)
@@ -71,6 +72,7 @@ class BootContext:
     host_forward: tuple[int, ...]
     boot_timeout: float
     log: Callable[[str], None]
+    registry: RegistryRemap | None = None  # the test asked for agent_registry: the remap goes in
 
     def timeout_for(self, request: VMRequest, accel: str) -> float:
         base = request.boot_timeout or self.boot_timeout
@@ -120,9 +122,7 @@ class Boot:
         started = time.monotonic()
         self.dir.mkdir(mode=0o711)
         os.chmod(self.dir, 0o711)  # noqa: S103 - qemu (another user) must traverse, not list
-        self.seed_spec = SeedSpec(instance_id=self.instance_id, hostname=self.name,
-                                  authorized_key=ctx.keypair.public_line, files=ctx.agent.files,
-                                  mac=self.mac, runcmd=self.request.runcmd)
+        self.seed_spec = self.make_seed_spec()
         write_seed_iso(self.seed_spec, self.seed)
         choice = ctx.accelerator.choose()
         if choice.probe:
@@ -138,6 +138,13 @@ class Boot:
         self.wait_ready(0, started + ctx.timeout_for(self.request, self.accel))
         self.ready_at = time.monotonic()
         self.seconds = self.ready_at - started
+
+    def make_seed_spec(self) -> SeedSpec:
+        """This boot's seed: the agent's files, plus agent_registry's remap when the test asked for it."""
+        ctx, remap = self.ctx, self.ctx.registry
+        return SeedSpec(instance_id=self.instance_id, hostname=self.name, authorized_key=ctx.keypair.public_line,
+                        files=ctx.agent.files + (remap.files() if remap else ()), mac=self.mac,
+                        runcmd=(remap.runcmd() if remap else ()) + self.request.runcmd)
 
     def _start_probing(self, choice: Choice) -> Choice:
         """Boot under KVM and trust it only if the kernel prints; else restart under TCG."""

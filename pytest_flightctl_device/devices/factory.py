@@ -24,6 +24,7 @@ from pytest_flightctl_device.devices.accel import Accelerator
 from pytest_flightctl_device.devices.agent import AgentConfig
 from pytest_flightctl_device.devices.boot import Boot, BootContext
 from pytest_flightctl_device.devices.domain import open_libvirt
+from pytest_flightctl_device.devices.remap import RegistryRemap
 from pytest_flightctl_device.devices.slots import VMSlots, default_max_vms
 from pytest_flightctl_device.devices.ssh import KeyPair, generate_keypair
 from pytest_flightctl_device.devices.vm import DeviceVM, VMRequest
@@ -141,15 +142,19 @@ class DeviceVMFactory:
         janitor.write_owner(self.process_dir, self.owner, self.run_id, self.worker)
         self._keypair = generate_keypair(self.process_dir)
 
-    def context(self, log: Callable[[str], None] | None = None) -> BootContext:
-        """What a boot needs from this factory (and nothing more)."""
+    def context(self, log: Callable[[str], None] | None = None,
+                registry: RegistryRemap | None = None) -> BootContext:
+        """What a boot needs from this factory (and nothing more); `registry` adds the remap."""
         settings = self.settings
+        forwards = tuple(settings.host_forward)
+        if registry is not None and registry.forward_port and registry.forward_port not in forwards:
+            forwards += (registry.forward_port,)
         return BootContext(
             conn=self.conn, base_image=self.base_image, keypair=self.keypair, agent=self.agent,
             accelerator=self.accelerator, slots=self.slots, ports_lock=self.ports_lock, owner=self.owner,
             run_id=self.run_id, isolated=settings.network == "isolated", firmware=settings.firmware,
-            keep_vm=settings.keep_vm, host_forward=tuple(settings.host_forward),
-            boot_timeout=settings.boot_timeout, log=log or self.log)
+            keep_vm=settings.keep_vm, host_forward=forwards,
+            boot_timeout=settings.boot_timeout, log=log or self.log, registry=registry)
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -177,18 +182,20 @@ class DeviceVMFactory:
     # -- making devices ------------------------------------------------------------------------------
 
     def create(self, request: VMRequest | None = None, *, for_test: str | None = None,
-               **kwargs: Any) -> DeviceVM:
+               registry: RegistryRemap | None = None, **kwargs: Any) -> DeviceVM:
         """A fresh device, ready: the spare booted in the background when it fits, else booted now.
 
         `for_test` (a test's node id) remembers the device, booted or not, for made_for().
+        `registry` (agent_registry's remap) makes a device that pulls the variants from it; a spare
+        has no remap, so it is not used for such a device (nor kept holding a slot).
         """
         asked = time.monotonic()
         request = request or self.request(**kwargs)
         self.base_image  # noqa: B018 - obtain the image (and fail) before anything is allocated
         self.keypair  # noqa: B018
-        taken = self._take_spare(request)
+        taken = self._take_spare(request if registry is None else None)
         if taken is None:
-            boot = self._new_boot(request)
+            boot = self._new_boot(request, registry=registry)
             vm = DeviceVM(boot)
             if for_test is not None:
                 self._made_for.setdefault(for_test, []).append(vm)
@@ -204,7 +211,7 @@ class DeviceVMFactory:
                 self._made_for.setdefault(for_test, []).append(vm)
         self.vms.append(vm)
         self.stats.add(time.monotonic() - asked, boot.accel_reason)
-        if self.settings.prefetch and request == self.request():
+        if self.settings.prefetch and request == self.request() and registry is None:
             self._start_spare(request)
         return vm
 
@@ -215,9 +222,10 @@ class DeviceVMFactory:
     def forget(self, test: str) -> None:
         self._made_for.pop(test, None)
 
-    def _new_boot(self, request: VMRequest, log: Callable[[str], None] | None = None) -> Boot:
+    def _new_boot(self, request: VMRequest, log: Callable[[str], None] | None = None,
+                  registry: RegistryRemap | None = None) -> Boot:
         self._count += 1
-        return Boot(self.context(log), f"{self.process_dir.name}-{self._count}",
+        return Boot(self.context(log, registry), f"{self.process_dir.name}-{self._count}",
                     self.process_dir / str(self._count), request)
 
     def _start_spare(self, request: VMRequest) -> None:
@@ -241,11 +249,12 @@ class DeviceVMFactory:
         if self._spare is not None:
             self._spare.thread.join(timeout)
 
-    def _take_spare(self, request: VMRequest) -> tuple[DeviceVM, Boot] | None:
+    def _take_spare(self, request: VMRequest | None) -> tuple[DeviceVM, Boot] | None:
+        """The spare if it was booted for `request` (None: fits no request, discard it)."""
         spare, self._spare = self._spare, None
         if spare is None:
             return None
-        if spare.vm.request != request:
+        if request is None or spare.vm.request != request:
             spare.discard()  # an idle spare must not hold the slot this request may need
             return None
         spare.thread.join()

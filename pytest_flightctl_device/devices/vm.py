@@ -111,6 +111,15 @@ class DeviceVM:
     def ssh_command(self) -> str:
         return self.ssh.command_line()
 
+    def image(self, variant: str) -> str:
+        """The canonical name of `variant` (`<image_repo>:<variant>-<tag>`), which this device pulls
+        from the test registry through its remap; only for a test that requested agent_registry."""
+        registry = self._boot.ctx.registry
+        if registry is None:
+            raise DeviceError(f"device VM {self.name} pulls from no test registry; request the agent_registry "
+                              "fixture in this test (def test_x(agent_registry, device_vm)).")
+        return registry.image(variant)
+
     def console_tail(self, lines: int = 50) -> str:
         return self._boot.console_tail(lines)
 

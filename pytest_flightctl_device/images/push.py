@@ -65,6 +65,7 @@ class Target:
     key: str = ""
     tls: bool = False
     ca_file: Path | None = None
+    auth: str | None = field(default=None, repr=False)  # an Authorization header value (never logged)
 
     @property
     def identity(self) -> str:
@@ -254,6 +255,11 @@ class Client:
             self._conn.close()
             self._conn = None
 
+    def _auth(self, headers: dict[str, str] | None) -> dict[str, str]:
+        if not self.target.auth:
+            return headers or {}
+        return {**(headers or {}), "Authorization": self.target.auth}
+
     def _fail(self, what: str, exc: BaseException) -> RegistryError:
         self.close()
         return RegistryError(f"the registry at {self.target.address} did not answer while {what} "
@@ -266,7 +272,7 @@ class Client:
         for attempt in range(2):  # a keep-alive connection the server closed: reconnect once
             conn = self._connection()
             try:
-                conn.request(method, path, body=body or None, headers=headers or {})
+                conn.request(method, path, body=body or None, headers=self._auth(headers))
                 return Reply.read(conn.getresponse())
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
                 self.close()
@@ -286,6 +292,8 @@ class Client:
             conn.putrequest("PUT", path)
             conn.putheader("Content-Type", "application/octet-stream")
             conn.putheader("Content-Length", str(blob.size))
+            if self.target.auth:
+                conn.putheader("Authorization", self.target.auth)
             conn.endheaders()
             assert conn.sock is not None
             with handle.open("rb") as source:

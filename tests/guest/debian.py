@@ -29,6 +29,7 @@ MIRRORS = [
 GUEST_PACKAGES = [
     "systemd-sysv", "udev", "dbus", "initramfs-tools", "cloud-init", "openssh-server", "sudo",
     "iproute2", "isc-dhcp-client", "less",
+    "skopeo",  # a real containers/image client honouring registries.conf.d (registry tests)
 ]
 BOOT_PACKAGES = ["syslinux-efi", "syslinux-common"]  # BOOTX64.EFI for UEFI boots, from the mirror too
 PACKAGES = GUEST_PACKAGES + BOOT_PACKAGES
