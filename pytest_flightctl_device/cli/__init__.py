@@ -16,7 +16,7 @@ from pytest_flightctl_device.cli.options import render_args, render_help
 from pytest_flightctl_device.errors import DeviceError
 
 # The subcommands, in the order `flightctl-device --help` lists them; each module has add_parser().
-COMMANDS = ("fetch", "cache", "build", "bundle", "qcow2", "load", "boot", "doctor")
+COMMANDS = ("fetch", "cache", "build", "bundle", "qcow2", "load", "push", "boot", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,200 @@
+"""agent_registry as a user gets it: pytest sessions (pytester subprocesses) and `flightctl-device push`.
+
+The real distribution registry, skopeo inside a booted Debian device (through the remap, over the
+VM's SSH reverse forward, with --device-network isolated) and podman building real variant images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pytest_flightctl_device.cli import main
+from pytest_flightctl_device.images import podman, push, registry
+from pytest_flightctl_device.settings import Settings
+from tests.support.helpers import missing, require_tool
+from tests.support.images.archive import Spec, write_archive
+from tests.support.images.stand_ins import podman_conn
+from tests.support.images.variants import VARIANTS, variant_bundle
+
+__all__ = ["podman_conn"]  # session fixture used below
+pytest_plugins = ["pytester"]
+
+REPO = "quay.io/flightctl/flightctl-device"
+
+
+@pytest.fixture(autouse=True)
+def _binary() -> None:
+    try:
+        registry.find_binary()
+    except Exception as exc:
+        missing(str(exc))
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def small_bundle(path: Path, tag: str = "t1") -> dict[str, str]:
+    """Four variants over one shared layer, each with a layer of its own: 1 + 4 layers, 4 configs."""
+    return write_archive(path, [Spec((f"{REPO}:{v}-{tag}",), (4 << 10,)) for v in VARIANTS], shared=[64 << 10])
+
+
+def cache_dir(tmp_path: Path, device_settings: Settings) -> Path:
+    """A fresh cache (so a fresh private registry), with the host's KVM verdict so no probe is redone."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if device_settings.accel_file.is_file():
+        shutil.copyfile(device_settings.accel_file, cache / "accel.json")
+    return cache
+
+
+# -- flightctl-device push ----------------------------------------------------------------------
+
+
+def test_cli_push_sends_then_skips_and_a_client_reads_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "bundle.tar"
+    ids = small_bundle(bundle)
+    lease = registry.acquire(tmp_path / "registry")
+    try:
+        args = ["push", "--registry", f"{lease.address}/ci", "--registry-insecure", "--bundle", str(bundle),
+                "--cache-dir", str(tmp_path / "cache")]
+        assert main(args) == 0
+        first = capsys.readouterr().out
+        assert first.count("\nsent ") + first.startswith("sent ") == 4, first
+        assert "4 of 4 images pushed, 0 already there; 9 blobs sent" in first
+        assert main(args) == 0
+        second = capsys.readouterr().out
+        assert "0 of 4 images pushed, 4 already there; 0 blobs sent" in second
+        assert second.count("skipped ") == 4
+        skopeo = require_tool("skopeo")
+        ref = f"{lease.address}/ci/flightctl/flightctl-device:v2-t1"
+        raw = subprocess.run([skopeo, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+                             capture_output=True, check=True, timeout=60).stdout
+        assert json.loads(raw)["config"]["digest"] == f"sha256:{ids[f'{REPO}:v2-t1']}"
+        assert f"sent {ref}@sha256:{hashlib.sha256(raw).hexdigest()}" in first
+    finally:
+        lease.release()
+
+
+def test_cli_push_to_an_unreachable_registry_says_so_in_its_own_flags(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "bundle.tar"
+    small_bundle(bundle)
+    port = closed_port()
+    assert main(["push", "--registry", f"127.0.0.1:{port}", "--registry-insecure", "--bundle", str(bundle),
+                 "--cache-dir", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flightctl-device: --registry 127.0.0.1:{port} does not answer (ConnectionRefusedError")
+    assert err.endswith("or drop --registry to use a private one.") and len(err.splitlines()) == 1
+
+
+# -- the fixture in a pytest session --------------------------------------------------------------
+
+
+def test_an_unreachable_registry_fails_before_any_device_boots(
+        pytester: pytest.Pytester, tiny_guest: Path, tmp_path: Path, device_settings: Settings) -> None:
+    bundle = tmp_path / "bundle.tar"
+    small_bundle(bundle)
+    port = closed_port()
+    pytester.makepyfile("""
+        def test_pull(agent_registry, device_vm):
+            raise AssertionError("never reached")
+
+        def test_pull_other_order(device_vm, agent_registry):
+            raise AssertionError("never reached")
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--device-qcow2={tiny_guest}", f"--device-bundle={bundle}",
+        f"--device-cache-dir={cache_dir(tmp_path, device_settings)}", "--device-network", "isolated",
+        "--device-registry", f"127.0.0.1:{port}", "--device-registry-insecure")
+    result.assert_outcomes(errors=2)
+    text = result.stdout.str()
+    assert text.count(f"--device-registry 127.0.0.1:{port} does not answer (ConnectionRefusedError") >= 1
+    assert "device VM(s) booted" not in text and "never reached" not in text
+
+
+def test_a_bad_registry_address_stops_the_run_naming_the_option(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--device-registry", "quay.io/flightctl")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*--device-registry 'quay.io/flightctl' is not HOST:PORT[[]/NAMESPACE[]]; give the "
+                                 "registry as HOST:PORT*"])
+
+
+def test_three_workers_push_each_image_once(pytester: pytest.Pytester, tmp_path: Path,
+                                            device_settings: Settings) -> None:
+    bundle = tmp_path / "bundle.tar"
+    small_bundle(bundle)
+    out = tmp_path / "pushes"
+    out.mkdir()
+    pytester.makepyfile(f"""
+        import json, os, pytest
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_registry(agent_registry, n):
+            import time
+            time.sleep(1)  # every worker holds its session until the others have pushed
+            counters = agent_registry.result.counters
+            sent = sorted(tag for image in agent_registry.result.images if image.sent for tag in image.refs)
+            path = "{out}/" + os.environ.get("PYTEST_XDIST_WORKER", "main") + ".json"
+            with open(path, "w") as handle:
+                json.dump({{"blobs": counters.blobs_sent, "sent": sent, "address": agent_registry.address,
+                           "digests": agent_registry.digests}}, handle)
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "3", f"--device-bundle={bundle}",
+                                           f"--device-cache-dir={cache_dir(tmp_path, device_settings)}")
+    result.assert_outcomes(passed=3)
+    workers = [json.loads(path.read_text()) for path in sorted(out.glob("gw*.json"))]
+    assert len(workers) == 3
+    assert sum(w["blobs"] for w in workers) == 1 + 4 + 4  # the shared layer, four layers, four configs
+    assert sorted(tag for w in workers for tag in w["sent"]) == sorted(f"{REPO}:{v}-t1" for v in VARIANTS)
+    assert len({w["address"] for w in workers}) == 1 and len({json.dumps(w["digests"]) for w in workers}) == 1
+
+
+def test_a_device_pulls_every_variant_by_its_canonical_name(
+        pytester: pytest.Pytester, podman_conn: podman.Podman, debian_guest: Path, tmp_path: Path,
+        device_settings: Settings) -> None:
+    repo = f"quay.io/pftd-test-{uuid.uuid4().hex[:8]}"
+    made = variant_bundle(podman_conn, repo, tmp_path / "build", tag="t1")
+    out = tmp_path / "device.json"
+    pytester.makepyfile(f"""
+        import json
+
+        def test_pull(agent_registry, device_vm):
+            found = {{}}
+            for variant in {VARIANTS!r}:
+                ref = device_vm.image(variant)
+                assert ref == agent_registry.ref(variant)
+                raw = device_vm.run(f"skopeo inspect --raw docker://{{ref}}", timeout=300).stdout
+                found[variant] = {{"ref": ref, "raw": raw, "digest": agent_registry.digests[variant]}}
+            drop_in = device_vm.run("cat /etc/containers/registries.conf.d/pytest-flightctl-device.conf").stdout
+            with open("{out}", "w") as handle:
+                json.dump({{"variants": found, "drop_in": drop_in, "address": agent_registry.address}}, handle)
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--device-qcow2={debian_guest}", f"--device-bundle={made.path}",
+        f"--device-cache-dir={cache_dir(tmp_path, device_settings)}", "--device-network", "isolated",
+        f"--device-image-repo={repo}/device", "--device-memory-mib", "1024", "--device-vcpus", "2")
+    result.assert_outcomes(passed=1)
+    seen = json.loads(out.read_text())
+    assert seen["address"].startswith("127.0.0.1:")
+    assert f'location = "{seen["address"]}/{repo.split("/", 1)[1]}"' in seen["drop_in"]
+    for variant in VARIANTS:
+        pulled = seen["variants"][variant]
+        tag = f"{repo}/device:{variant}-t1"
+        assert pulled["ref"] == tag
+        manifest = json.loads(pulled["raw"])
+        assert manifest["mediaType"] == push.MANIFEST_V2
+        assert manifest["config"]["digest"] == f"sha256:{made.image_ids[tag]}"  # podman's image ID
+        raw = pulled["raw"].rstrip("\n").encode()
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == pulled["digest"]
