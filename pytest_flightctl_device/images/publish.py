@@ -150,7 +150,8 @@ def open_registry(settings: Settings, bundle: Path, progress: Progress | None = 
         remote = f"--device-registry {target.address}"
     else:
         lease = registry.acquire(settings.cache_dir / "registry")
-        target, release, remote = push.Target(lease.address, key=lease.key), lease.release, ""
+        target = push.Target(lease.address, key=lease.key, storage=lease.layout.data)
+        release, remote = lease.release, ""
     try:
         manifest = read_manifest(bundle)
         wanted = expected_tags(settings, manifest)

@@ -7,16 +7,19 @@ VM's SSH reverse forward, with --device-network isolated) and podman building re
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import socket
 import subprocess
+import tarfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 from pytest_flightctl_device.cli import main
+from pytest_flightctl_device.errors import ArtifactError
 from pytest_flightctl_device.images import podman, push, registry
 from pytest_flightctl_device.settings import Settings
 from tests.support.helpers import missing, require_tool
@@ -198,3 +201,37 @@ def test_a_device_pulls_every_variant_by_its_canonical_name(
         assert manifest["config"]["digest"] == f"sha256:{made.image_ids[tag]}"  # podman's image ID
         raw = pulled["raw"].rstrip("\n").encode()
         assert "sha256:" + hashlib.sha256(raw).hexdigest() == pulled["digest"]
+
+
+# -- the private registry's storage path (what agent_registry uses for it) ------------------------
+
+
+def test_stored_blobs_serve_real_clients_and_a_forged_one_is_never_linked(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.tar"
+    ids = small_bundle(bundle)
+    forged = tmp_path / "forged.tar"
+    with tarfile.open(bundle) as src, tarfile.open(forged, "w") as dst:
+        for member in src:
+            data = src.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name.endswith(".tar") and member.size > 8 << 10:  # the shared layer: same size, other bytes
+                middle = len(data) // 2
+                data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+            dst.addfile(member, io.BytesIO(data))
+    with registry.acquire(tmp_path / "registry") as lease:
+        target = push.Target(lease.address, key=lease.key, storage=lease.layout.data)
+        with pytest.raises(ArtifactError, match="do not match its digest"):
+            push.push_bundle(forged, target, tmp_path / "state")
+        assert not list((tmp_path / "state").glob("pushed-*"))
+        v2 = lease.layout.data / "docker" / "registry" / "v2"
+        assert not list(v2.rglob("link")) and not list(v2.rglob(".data.*"))
+        result = push.push_bundle(bundle, target, tmp_path / "state")
+        assert result.counters.blobs_sent == 9 and result.counters.requests < 40
+        skopeo = require_tool("skopeo")
+        for variant in VARIANTS:
+            ref = f"{lease.address}/flightctl/flightctl-device:{variant}-t1"
+            proc = subprocess.run([skopeo, "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}",
+                                   f"dir:{tmp_path / variant}"], capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr  # skopeo verifies every blob's digest as it copies
+            manifest = json.loads((tmp_path / variant / "manifest.json").read_text())
+            assert manifest["config"]["digest"] == f"sha256:{ids[f'{REPO}:{variant}-t1']}"
+        assert push.push_bundle(bundle, target, tmp_path / "state").counters.blobs_sent == 0
