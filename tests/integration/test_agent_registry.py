@@ -24,7 +24,7 @@ from pytest_flightctl_device.images import podman, push, registry
 from pytest_flightctl_device.settings import Settings
 from tests.support.helpers import missing, require_tool
 from tests.support.images.archive import Spec, write_archive
-from tests.support.images.stand_ins import podman_conn
+from tests.support.images.stand_ins import podman_conn, remove_repo
 from tests.support.images.variants import VARIANTS, variant_bundle
 
 __all__ = ["podman_conn"]  # session fixture used below
@@ -235,3 +235,27 @@ def test_stored_blobs_serve_real_clients_and_a_forged_one_is_never_linked(tmp_pa
             manifest = json.loads((tmp_path / variant / "manifest.json").read_text())
             assert manifest["config"]["digest"] == f"sha256:{ids[f'{REPO}:{variant}-t1']}"
         assert push.push_bundle(bundle, target, tmp_path / "state").counters.blobs_sent == 0
+
+
+def test_cli_push_of_the_tags_podman_holds(podman_conn: podman.Podman, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    repo = f"localhost/pftd-test-{uuid.uuid4().hex[:8]}"
+    made = variant_bundle(podman_conn, repo, tmp_path / "build", tag="t2", variants=("base", "v2"))
+    podman_conn.load_stream(made.path)
+    try:
+        with registry.acquire(tmp_path / "registry") as lease:
+            assert main(["push", "--registry", lease.address, "--registry-insecure", "--tag", "t2",
+                         "--image-repo", f"{repo}/device", "--variants", "base,v2",
+                         "--cache-dir", str(tmp_path / "cache")]) == 0
+            out = capsys.readouterr().out
+            assert "exported 2 images" in out and "2 of 2 images pushed" in out
+            path = repo.split("/", 1)[1]
+            for tag, image_id in made.image_ids.items():
+                ref = f"{lease.address}/{path}/device:{tag.rsplit(':', 1)[1]}"
+                assert f"sent {ref}@" in out
+                raw = subprocess.run([require_tool("skopeo"), "inspect", "--raw", "--tls-verify=false",
+                                      f"docker://{ref}"], capture_output=True, check=True, timeout=60).stdout
+                assert json.loads(raw)["config"]["digest"] == f"sha256:{image_id}"  # podman's image ID
+            assert not list((tmp_path / "cache").glob(".push-*"))  # the exported bundle is gone
+    finally:
+        remove_repo(podman_conn, repo)
