@@ -162,6 +162,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="build the bundle here and keep it (reused if present)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fcdev-bench-registry-", dir="/var/tmp"))
+    leases: list[registry.PrivateRegistry] = []
     try:
         bundle = (args.keep or work) / "bundle.tar"
         t0 = time.perf_counter()
@@ -171,9 +172,11 @@ def main() -> int:
         build_s = time.perf_counter() - t0
         tags = [tag for image in push.plan(bundle) for tag in image.tags]
         with registry.acquire(work / "upstream") as lease:
+            leases.append(lease)
             upstream_s = upstream(bundle, lease.address, tags)
             upstream_stored = registry_mib(lease)
         with registry.acquire(work / "plugin") as lease:
+            leases.append(lease)
             cold = plugin(bundle, lease, work / "state")
             warm = plugin(bundle, lease, work / "state")
             plugin_stored = registry_mib(lease)
@@ -193,6 +196,9 @@ def main() -> int:
                                  "rss_le_64mib": report["plugin_peak_rss_mib"] <= 64}
         print(json.dumps(report, indent=1))
     finally:
+        deadline = time.monotonic() + 10  # the supervisors stop within ~0.5 s of the last lease
+        while any(lease.supervisor.alive() for lease in leases) and time.monotonic() < deadline:
+            time.sleep(0.1)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
