@@ -211,10 +211,10 @@ class Chaos:
             run = self.gh.add_run(f"{index:040x}")
             name = f"agent-qcow2-image-r{index}"
             artifact = self.gh.add_artifact(run, name, qcow2, member="disk.qcow2")
-            total = artifact.zip_path.stat().st_size
+            total = qcow2.stat().st_size  # one pass: only the member's bytes are written, to `<key>.member`
             args = [f"--device-github-run={run.id}", f"--device-github-api-url={self.gh.api_url}",
                     f"--device-qcow2-artifact={name}"]
-            suffix = ".zip"
+            suffix = ".member"
         else:
             url_path = f"/r{index}/disk.qcow2"
             url = self.http.add(url_path, qcow2)
