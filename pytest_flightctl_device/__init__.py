@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pytest_flightctl_device.devices.agent import AgentConfig, AgentFile
     from pytest_flightctl_device.devices.factory import DeviceVMFactory
+    from pytest_flightctl_device.devices.request import VMRequest
     from pytest_flightctl_device.devices.ssh import CommandResult
-    from pytest_flightctl_device.devices.vm import DeviceVM, VMRequest
+    from pytest_flightctl_device.devices.vm import DeviceVM
     from pytest_flightctl_device.errors import (
         AgentConfigError,
         ArtifactError,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "AgentConfig": "devices.agent", "AgentFile": "devices.agent", "CommandResult": "devices.ssh",
-    "DeviceVM": "devices.vm", "DeviceVMFactory": "devices.factory", "VMRequest": "devices.vm",
+    "DeviceVM": "devices.vm", "DeviceVMFactory": "devices.factory", "VMRequest": "devices.request",
     "LoadedImages": "images.podman", "Settings": "settings",
     **{name: "errors" for name in ("AgentConfigError", "ArtifactError", "BootError", "ConfigError", "DeviceError",
                                    "GitHubError", "GuestCommandError", "MissingToolError", "PodmanError")},

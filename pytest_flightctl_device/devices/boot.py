@@ -47,7 +47,7 @@ from pytest_flightctl_device.errors import BootError
 
 if TYPE_CHECKING:
     from pytest_flightctl_device.devices.remap import RegistryRemap
-    from pytest_flightctl_device.devices.vm import VMRequest
+    from pytest_flightctl_device.devices.request import VMRequest
 
 SLOT_WAIT_S = 3600.0  # a queued boot waits this long for a free VM slot (--device-max-vms)
 LOGIN_USER = "user"

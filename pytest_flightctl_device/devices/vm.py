@@ -7,28 +7,14 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_flightctl_device.devices.boot import Boot
 from pytest_flightctl_device.devices.readiness import POLL_S
+from pytest_flightctl_device.devices.request import VMRequest
 from pytest_flightctl_device.devices.seed import redacted_user_data
 from pytest_flightctl_device.devices.ssh import CommandResult, SshClient
 from pytest_flightctl_device.errors import BootError, DeviceError
-
-
-@dataclass(frozen=True)
-class VMRequest:
-    """What one test asks for (from the device marker, else the settings).
-
-    Its fields are the device marker's keyword arguments: the factory checks markers against them.
-    """
-
-    memory_mib: int
-    vcpus: int
-    variant: str = "base"
-    runcmd: tuple[str, ...] = ()
-    boot_timeout: float | None = None
 
 
 class DeviceVM:

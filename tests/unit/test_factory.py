@@ -9,7 +9,7 @@ import pytest
 
 from pytest_flightctl_device.devices.agent import throwaway_agent_config
 from pytest_flightctl_device.devices.factory import MARKER_ARGS, BootStats, DeviceVMFactory
-from pytest_flightctl_device.devices.vm import VMRequest
+from pytest_flightctl_device.devices.request import VMRequest
 from pytest_flightctl_device.errors import ConfigError
 from pytest_flightctl_device.settings import Settings
 

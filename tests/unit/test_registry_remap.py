@@ -14,9 +14,10 @@ from pytest_flightctl_device.devices import remap as remap_mod
 from pytest_flightctl_device.devices.agent import throwaway_agent_config
 from pytest_flightctl_device.devices.boot import Boot, BootContext
 from pytest_flightctl_device.devices.remap import RegistryRemap, split_repo
+from pytest_flightctl_device.devices.request import VMRequest
 from pytest_flightctl_device.devices.seed import render_user_data
 from pytest_flightctl_device.devices.ssh import generate_keypair
-from pytest_flightctl_device.devices.vm import DeviceVM, VMRequest
+from pytest_flightctl_device.devices.vm import DeviceVM
 from pytest_flightctl_device.errors import ConfigError, DeviceError
 from pytest_flightctl_device.images import publish
 from pytest_flightctl_device.images.registry import RegistryError
