@@ -22,7 +22,7 @@ from pytest_flightctl_device.cli import main
 from pytest_flightctl_device.errors import ArtifactError
 from pytest_flightctl_device.images import podman, push, registry
 from pytest_flightctl_device.settings import Settings
-from tests.support.helpers import missing, require_tool
+from tests.support.helpers import require_registry, require_tool
 from tests.support.images.archive import Spec, write_archive
 from tests.support.images.stand_ins import podman_conn, remove_repo
 from tests.support.images.variants import VARIANTS, variant_bundle
@@ -35,10 +35,7 @@ REPO = "quay.io/flightctl/flightctl-device"
 
 @pytest.fixture(autouse=True)
 def _binary() -> None:
-    try:
-        registry.find_binary()
-    except Exception as exc:
-        missing(str(exc))
+    require_registry()
 
 
 def closed_port() -> int:

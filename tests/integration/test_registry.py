@@ -25,7 +25,7 @@ import pytest
 from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.errors import ArtifactError
 from pytest_flightctl_device.images import podman, push, registry
-from tests.support.helpers import missing, require_tool
+from tests.support.helpers import require_registry, require_tool
 from tests.support.images.archive import Spec, write_archive
 from tests.support.images.stand_ins import podman_conn, remove_repo, test_repo
 from tests.support.images.variants import variant_bundle
@@ -60,10 +60,7 @@ print("DONE", result.counters.blobs_sent, flush=True)
 
 @pytest.fixture(autouse=True)
 def _binary() -> None:
-    try:
-        registry.find_binary()
-    except Exception as exc:
-        missing(str(exc))
+    require_registry()
 
 
 def running(owner: Owner) -> bool:

@@ -34,6 +34,18 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_registry() -> str:
+    """The distribution registry binary, or skip/fail (see missing()) naming the package to install."""
+    from pytest_flightctl_device.errors import MissingToolError
+    from pytest_flightctl_device.images import registry
+
+    try:
+        return registry.find_binary()
+    except MissingToolError as exc:
+        missing(str(exc))
+        raise AssertionError("unreachable") from None
+
+
 HELLO = "hello from the host\n"
 
 
