@@ -34,7 +34,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 from filelock import FileLock
 
-from pytest_flightctl_device.core.atomic import write_atomic
+from pytest_flightctl_device.core.atomic import sweep_temps, temp_path, write_atomic
 from pytest_flightctl_device.core.formats import ManifestEntry, read_manifest
 from pytest_flightctl_device.errors import ArtifactError
 from pytest_flightctl_device.images.registry import RegistryError
@@ -524,13 +524,15 @@ def store_blob(storage: Path, repo: str, bundle: Path, blob: Blob) -> None:
     ~250 MB/s in one Go thread (no SHA-NI in Debian's build), while the kernel copies the range
     (copy_file_range) as hashlib verifies it on another thread. The digest is checked before the
     data appears under its final name (rename), and the repository link is written last, so a
-    killed push leaves at most an unlinked blob, which no manifest can refer to.
+    killed push leaves at most an unlinked blob, which no manifest can refer to, or a temp named
+    after its writer, which the next store of that blob sweeps.
     """
     hexdigest = blob.digest.removeprefix("sha256:")
     data = _v2(storage) / "blobs" / "sha256" / hexdigest[:2] / hexdigest / "data"
     if not (data.is_file() and data.stat().st_size == blob.size):
         data.parent.mkdir(parents=True, exist_ok=True)
-        temp = data.parent / f".data.{os.getpid()}.{threading.get_ident()}"
+        sweep_temps(data.parent, "data")  # what a push killed mid-copy left
+        temp = temp_path(data)
         hashed: list[str] = []
         hasher = threading.Thread(target=lambda: hashed.append(_hash_range(bundle, blob.offset, blob.size)))
         hasher.start()
@@ -542,6 +544,7 @@ def store_blob(storage: Path, repo: str, bundle: Path, blob: Blob) -> None:
                     if done == 0:
                         raise ArtifactError(f"{bundle} is shorter than its index says; fetch or build it again.")
                     offset, left = offset + done, left - done
+                os.fsync(out.fileno())
             hasher.join()
             if hashed != [hexdigest]:
                 raise ArtifactError(f"{bundle} holds a blob whose bytes do not match its digest {blob.digest}; "

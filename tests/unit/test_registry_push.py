@@ -96,3 +96,25 @@ def test_markers_are_per_registry_and_image(tmp_path: Path) -> None:
 def test_an_address_that_is_not_host_port_is_refused() -> None:
     with pytest.raises(Exception, match="not HOST:PORT"):
         push.Client(push.Target("registry.example"), push.Counters())
+
+
+def test_store_blob_writes_verified_data_and_sweeps_what_a_killed_push_left(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "b.tar"
+    write_archive(bundle, [Spec((f"{REPO}:base-t",), ())], shared=[{"etc/base": b"base"}])
+    blob = push.plan(bundle)[0].layers[0]
+    storage = tmp_path / "storage"
+    data_dir = storage / "docker/registry/v2/blobs/sha256" / blob.digest[7:9] / blob.digest[7:]
+    data_dir.mkdir(parents=True)
+    code = ("import sys; from pathlib import Path; from pytest_flightctl_device.core.atomic import temp_path;"
+            "t = temp_path(Path(sys.argv[1])); t.write_bytes(b'half a blob'); print(t)")
+    dead = Path(subprocess.run([sys.executable, "-c", code, str(data_dir / "data")], check=True,
+                               capture_output=True, text=True).stdout.strip())
+    push.store_blob(storage, "flightctl/flightctl-device", bundle, blob)
+    with bundle.open("rb") as raw:
+        raw.seek(blob.offset)
+        assert (data_dir / "data").read_bytes() == raw.read(blob.size)
+    assert not dead.exists()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["data"]
