@@ -168,8 +168,9 @@ class Podman:
         return result
 
     def list_images(self, *, all_images: bool = False) -> list[dict[str, Any]]:
-        """/images/json, retried: podman 4.3 fails a listing that races an image removal elsewhere."""
-        for _attempt in range(5):
+        """/images/json, retried for up to ~5 s: podman 4.3 fails a listing that races an image removal
+        elsewhere (another worker's cleanup, or the build a killed client left the service finishing)."""
+        for _attempt in range(25):
             response = self.api.get("/images/json", params={"all": all_images})
             if response.status_code != 500 or "image not known" not in response.text:
                 break
