@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from pytest_flightctl_device.artifacts.cache import Cache
 from pytest_flightctl_device.artifacts.sources.github import Artifact, GitHubClient, GitHubSource
 from pytest_flightctl_device.errors import ArtifactError, DeviceError, GitHubError
+from tests.support.helpers import serving
 from tests.support.hostile import BOUNDED, clear_error, jail
 
 TOKEN = "ghp_HostileTestToken_0123456789abcdefABCDEF"
@@ -89,12 +90,8 @@ class Handler(BaseHTTPRequestHandler):
 def servers() -> Iterator[tuple[Server, Server]]:
     """(api, other): the fake API and another loopback origin; both stopped at the end."""
     made = (Server(), Server())
-    for server in made:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield made
-    for server in made:
-        server.shutdown()
-        server.server_close()
+    with serving(made[0]), serving(made[1]):
+        yield made
 
 
 def reset(api: Server, other: Server) -> None:

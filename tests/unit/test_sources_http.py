@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pytest_flightctl_device.artifacts.sources.http import (
     new_session,
 )
 from pytest_flightctl_device.errors import ArtifactError
+from tests.support.helpers import serving
 
 BODY = os.urandom(3 << 20)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -117,12 +117,8 @@ class Handler(BaseHTTPRequestHandler):
 def servers() -> Iterator[tuple[Server, Server]]:
     """Two loopback origins: one that redirects (an API), one that serves (a blob host)."""
     made = (Server(), Server())
-    for server in made:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield made
-    for server in made:
-        server.shutdown()
-        server.server_close()
+    with serving(made[0]), serving(made[1]):
+        yield made
 
 
 def download(url: str, dest: Path, **options: Any) -> tuple[str, Transfer]:
