@@ -59,7 +59,7 @@ def settings_of(config: pytest.Config) -> Settings:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = settings_of(config)
-    lines = [f"flightctl-device: libvirt {settings.libvirt_uri}, accel {settings.accel}, "
+    lines = [f"flightctl-device: libvirt {', '.join(settings.libvirt_uri)}, accel {settings.accel}, "
              f"network {settings.network}, workdir {settings.workdir}"]
     if settings.agent_config is None and settings.agent_certs is None:
         lines.append("flightctl-device: agent config: a throwaway CA and enrollment certificate "

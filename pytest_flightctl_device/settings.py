@@ -242,8 +242,13 @@ KNOBS: tuple[Knob, ...] = (
          _https_url, metavar="URL"),
     Knob("accel", "Acceleration: auto probes KVM for real and falls back to TCG.",
          _choice("auto", "kvm", "tcg"), "auto", metavar="auto|kvm|tcg"),
-    Knob("libvirt-uri", "libvirt connection URI.", _text, default_libvirt_uri,
-         "qemu:///system as root, else qemu:///session", metavar="URI"),
+    Knob("libvirt-uri", "libvirt connection URI (repeatable: each boot goes to a host with room; a remote "
+         "qemu+ssh://USER@HOST[:PORT]/system[?keyfile=FILE] gets the base image uploaded once).", _text,
+         lambda: (default_libvirt_uri(),), "qemu:///system as root, else qemu:///session", multi=True,
+         metavar="URI"),
+    Knob("libvirt-pool", "Storage pool on remote libvirt hosts for the base image, overlays and seeds; "
+         "default a dir pool `fcdev` at /var/lib/libvirt/images/fcdev that the plugin creates.", _text,
+         metavar="NAME"),
     Knob("memory-mib", "Guest memory in MiB.", _positive_int, 2048, metavar="MIB"),
     Knob("vcpus", "Guest vCPUs.", _positive_int, 2, metavar="N"),
     Knob("boot-timeout", "Seconds for a device to become ready (multiplied by 4 under TCG).",
@@ -340,7 +345,8 @@ class Settings:
     agent_certs: Path | None = field(default_factory=_default("agent_certs"))
     enrollment_server: str | None = field(default_factory=_default("enrollment_server"))
     accel: str = field(default_factory=_default("accel"))
-    libvirt_uri: str = field(default_factory=_default("libvirt_uri"))
+    libvirt_uri: tuple[str, ...] = field(default_factory=_default("libvirt_uri"))
+    libvirt_pool: str | None = field(default_factory=_default("libvirt_pool"))
     memory_mib: int = field(default_factory=_default("memory_mib"))
     vcpus: int = field(default_factory=_default("vcpus"))
     boot_timeout: float = field(default_factory=_default("boot_timeout"))
@@ -400,7 +406,13 @@ class Settings:
         settings._check_combinations()
         return settings
 
+    def __post_init__(self) -> None:
+        if isinstance(self.libvirt_uri, str):  # one URI given in code (Settings(libvirt_uri="..."))
+            object.__setattr__(self, "libvirt_uri", (self.libvirt_uri,))
+
     def _check_combinations(self) -> None:
+        if len(set(self.libvirt_uri)) != len(self.libvirt_uri):
+            raise ConfigError("--device-libvirt-uri names the same URI twice; give each libvirt host once.")
         if self.agent_config and self.agent_certs:
             raise ConfigError(
                 "--device-agent-config and --device-agent-certs were both given; "

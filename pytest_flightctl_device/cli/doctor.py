@@ -34,16 +34,17 @@ def checks(settings: Settings) -> list[Check]:
                           ("ssh", "openssh-client")):
         path = shutil.which(tool)
         found.append(Check(tool, path is not None, path or f"not on PATH; install {package}"))
-    try:
-        from pytest_flightctl_device.devices.domain import open_libvirt
+    for uri in settings.libvirt_uri:
+        try:
+            from pytest_flightctl_device.devices.domain import open_libvirt
 
-        conn = open_libvirt(settings.libvirt_uri)
-        version = conn.getLibVersion()
-        found.append(Check("libvirt", True, f"{settings.libvirt_uri}: libvirt "
-                                            f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"))
-        conn.close()
-    except DeviceError as exc:
-        found.append(Check("libvirt", False, str(exc)))
+            conn = open_libvirt(uri)
+            version = conn.getLibVersion()
+            found.append(Check("libvirt", True, f"{uri}: libvirt "
+                                                f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"))
+            conn.close()
+        except DeviceError as exc:
+            found.append(Check("libvirt", False, str(exc)))
     unusable = kvm_device_usable()
     verdict = Accelerator(settings.accel, settings.accel_file).remembered()
     if unusable:

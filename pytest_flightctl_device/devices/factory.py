@@ -123,7 +123,7 @@ class DeviceVMFactory:
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = open_libvirt(self.settings.libvirt_uri)
+            self._conn = open_libvirt(self.settings.libvirt_uri[0])
         return self._conn
 
     @property

@@ -510,7 +510,7 @@ def test_kill_9_at_random_moments_leaves_nothing_and_the_next_run_passes(
     print(f"chaos seed {seed} (replay with PFTD_CHAOS_SEED={seed}), {chaos_kills} kills")
     rng = random.Random(seed)
     try:
-        conn = open_libvirt(device_settings.libvirt_uri)
+        conn = open_libvirt(device_settings.libvirt_uri[0])
     except MissingToolError as exc:
         missing(str(exc))
         raise
@@ -523,7 +523,7 @@ def test_kill_9_at_random_moments_leaves_nothing_and_the_next_run_passes(
     figures_path = tmp_path / "chaos.json"
     (chaos_root / "gh").mkdir()
     with SlowFileServer() as http, GitHubEmulator(chaos_root / "gh") as gh, own_podman_service(chaos_root) as pod:
-        chaos = Chaos(root=chaos_root, uri=device_settings.libvirt_uri, conn=conn, pod=pod, rng=rng,
+        chaos = Chaos(root=chaos_root, uri=device_settings.libvirt_uri[0], conn=conn, pod=pod, rng=rng,
                       tiny=tiny_guest, bundle=bundle, refs=refs,
                       image_repo=image_repo, load_s=load_s, http=http, gh=gh, seed=seed,
                       test_file=chaos_inner.write_suite(chaos_root / "suite"))

@@ -96,7 +96,7 @@ def test_teardown_leaves_nothing(tiny_factory: DeviceVMFactory, tiny_guest: Path
     vm.run("sudo sh -c 'echo scribble > /scribble; sync'")
     name, vm_dir = vm.name, vm.dir
     tiny_factory.release(vm)
-    conn = open_libvirt(tiny_factory.settings.libvirt_uri)
+    conn = open_libvirt(tiny_factory.settings.libvirt_uri[0])
     try:
         assert name not in [dom.name() for dom in conn.listAllDomains()]
     finally:
@@ -181,7 +181,7 @@ def test_a_base_image_in_a_private_directory(make_factory: FactoryMaker, tiny_gu
     base = private / "disk.qcow2"
     shutil.copyfile(tiny_guest, base)
     factory = make_factory(base, memory_mib=256, vcpus=1)
-    if factory.settings.libvirt_uri.startswith("qemu:///system"):
+    if factory.settings.libvirt_uri[0].startswith("qemu:///system"):
         with pytest.raises(ConfigError, match=rf"libvirt's qemu cannot read the base image {base} .*/var/tmp"):
             factory.create()
     else:

@@ -45,7 +45,7 @@ def _domain_names(uri: str) -> set[str]:
 
 def test_kill_9_leaves_no_domain_and_the_janitor_removes_its_files(
         device_settings: Settings, tiny_guest: Path) -> None:
-    uri = device_settings.libvirt_uri
+    uri = device_settings.libvirt_uri[0]
     workdir = device_settings.workdir
     run_id = secrets.token_hex(4)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_guest), run_id, uri, str(workdir),

@@ -264,7 +264,7 @@ def test_twelve_device_tests_on_four_workers_share_artifacts_and_queue_for_two_s
 
     # The workers left no VM directory and no domain behind.
     assert not list((shared_dir / "work").glob("fcdev-*"))
-    conn = open_libvirt(device_settings.libvirt_uri)
+    conn = open_libvirt(device_settings.libvirt_uri[0])
     try:
         run = "-".join(vms[0]["name"].split("-")[:2]) + "-"
         assert not [dom.name() for dom in conn.listAllDomains() if dom.name().startswith(run)]

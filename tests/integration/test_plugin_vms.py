@@ -82,7 +82,7 @@ def test_keep_vm_keeps_a_failed_tests_vm(pytester: pytest.Pytester, tiny_args: l
     kept = [line for line in result.stdout.lines if "flightctl-device: kept" in line]
     assert len(kept) == 1 and "log in with: ssh -i " in kept[0]
     name = kept[0].split("kept ")[1].split()[0]
-    conn = open_libvirt(device_settings.libvirt_uri)
+    conn = open_libvirt(device_settings.libvirt_uri[0])
     try:
         names = {dom.name() for dom in conn.listAllDomains()}
         assert name in names  # alive after its pytest exited

@@ -36,7 +36,7 @@ def test_spare_is_handed_over_and_cleaned_up(make_factory: FactoryMaker, tiny_gu
     # A request that is not the default one gets a fresh device; the idle spare is dropped.
     other = factory.create(memory_mib=300)
     assert other.name not in (spare_name, next_spare.vm.name)
-    assert next_spare.vm.name not in _domains(factory.settings.libvirt_uri)
+    assert next_spare.vm.name not in _domains(factory.settings.libvirt_uri[0])
     assert not next_spare.vm.dir.exists()
     factory.release(other)
     factory.release(second)
@@ -45,6 +45,6 @@ def test_spare_is_handed_over_and_cleaned_up(make_factory: FactoryMaker, tiny_gu
     assert factory._spare is not None
     pending = factory._spare.vm
     factory.close()  # also ends a spare that is still booting
-    names = _domains(factory.settings.libvirt_uri)
+    names = _domains(factory.settings.libvirt_uri[0])
     assert third.name not in names and pending.name not in names
     assert not pending.dir.exists()

@@ -125,9 +125,9 @@ def test_libvirt_domains_of_dead_owners_are_undefined(device_settings: Settings)
     try:
         import libvirt
 
-        conn = libvirt.open(device_settings.libvirt_uri)
+        conn = libvirt.open(device_settings.libvirt_uri[0])
     except Exception as exc:  # no binding or no daemon
-        missing(f"libvirt at {device_settings.libvirt_uri}: {exc}")
+        missing(f"libvirt at {device_settings.libvirt_uri[0]}: {exc}")
     tag = secrets.token_hex(3)
     names = {"dead": f"{janitor.PREFIX}{tag}-dead-1", "live": f"{janitor.PREFIX}{tag}-live-1",
              "foreign": f"other-{tag}"}
