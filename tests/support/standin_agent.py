@@ -40,10 +40,22 @@ from pathlib import Path
 from typing import Any
 
 UNIT = """\
+# flightctl-agent stand-in: a test FAKE of flightctl-agent (tests/support/standin_agent.py).
+# Type=notify like the real unit: READY=1 once its EnrollmentRequest is approved.
+# Wiring: started by flightctl-agent.path as soon as cloud-init has written the config, not
+# WantedBy=multi-user.target like the real unit. The real unit holds multi-user.target (and so
+# cloud-final and the device's readiness) until it is enrolled: every test guest whose agent config
+# points at no service would wait out the 90 s start timeout on each boot. The path unit is ordered
+# before multi-user.target, the service it starts is not, so no boot waits for an enrollment.
+# (After=cloud-final.service with WantedBy=multi-user.target is an ordering cycle systemd drops.)
+# Nice=10: on a 1-vCPU TCG guest its Python start and key generation yield to cloud-init.
+# Nothing is made at image build: key, CSR and device name come on the first start, so a clone
+# of a guest taken before that start gets its own identity (`systemctl start flightctl-agent`).
 [Unit]
 Description=flightctl agent stand-in (a test fake of flightctl-agent)
-Wants=network-online.target
-After=network-online.target
+ConditionPathExists=/etc/flightctl/config.yaml
+StartLimitIntervalSec=5
+StartLimitBurst=1000
 
 [Service]
 Type=notify
@@ -51,11 +63,24 @@ NotifyAccess=main
 ExecStart=/usr/bin/python3 /usr/local/libexec/flightctl-standin-agent
 Restart=always
 RestartSec=5
+Nice=10
+"""
+PATH_UNIT = """\
+# Starts the flightctl-agent stand-in once cloud-init has written its config (see the service's
+# comment for why it is not WantedBy=multi-user.target). To keep the agent from starting (e.g.
+# before a snapshot), stop this unit first: a stopped service restarts while this unit runs.
+[Unit]
+Description=Start the flightctl agent stand-in once /etc/flightctl/config.yaml exists
+
+[Path]
+PathExists=/etc/flightctl/config.yaml
+Unit=flightctl-agent.service
 
 [Install]
 WantedBy=multi-user.target
 """
 UNIT_NAME = "flightctl-agent.service"
+PATH_UNIT_NAME = "flightctl-agent.path"
 SCRIPT_PATH = "/usr/local/libexec/flightctl-standin-agent"
 AGENT_VERSION = "v1.3.0-standin"
 API_VERSION = "flightctl.io/v1beta1"
@@ -178,15 +203,19 @@ def ensure_identity() -> str:
 
 
 def write_banner(config: Config, name: str, enrolled: bool) -> None:
-    if not config.ui:
+    write_banner_to(config.ui, name, enrolled)
+
+
+def write_banner_to(ui: str, name: str, enrolled: bool) -> None:
+    if not ui:
         log("Flightctl enrollment UI endpoint is missing, skipping banner")
         return
     if enrolled:
-        url = f"{config.ui}/manage/{name}"
+        url = f"{ui}/manage/{name}"
         text = ("\nYour device is enrolled to flightctl,\nyou can manage your device scanning the above QR. "
                 f"or following this URL:\n{url}\n\n")
     else:
-        url = f"{config.ui}/enroll/{name}"
+        url = f"{ui}/enroll/{name}"
         text = f"\nEnroll your device to flightctl by scanning\nthe above QR code or following this URL:\n{url}\n\n"
     BANNER.parent.mkdir(parents=True, exist_ok=True)
     tmp = BANNER.with_name(BANNER.name + ".tmp")
@@ -338,7 +367,11 @@ class Agent:
         assert self.api is not None
         body = {"apiVersion": API_VERSION, "kind": "Device", "metadata": {"name": self.name},
                 "status": self.status()}
-        code, answer = self.api.call("PUT", f"/devices/{self.name}/status", body)
+        try:  # after a reboot the service may be unreachable for a while: the loop pushes again
+            code, answer = self.api.call("PUT", f"/devices/{self.name}/status", body)
+        except (OSError, urllib.error.URLError) as exc:
+            log(f"cannot reach the management service {self.config.server}: {exc}")
+            return
         if code != 200:
             log(f"status update failed: HTTP {code}: {(answer or {}).get('message', '')}")
 
@@ -393,7 +426,7 @@ class Agent:
             except (OSError, urllib.error.URLError) as exc:
                 log(f"cannot reach the management service {self.config.server}: {exc}")
                 time.sleep(self.config.fetch_interval)
-                continue
+                code, body = 0, None
             if code == 200 and body is not None:
                 version = body["metadata"]["annotations"][RENDERED_VERSION]
                 known = version
@@ -410,7 +443,7 @@ class Agent:
                 api = self.api = Api(self.config, CERT.read_bytes(), KEY.read_bytes(), self.workdir)
                 known = None
                 continue
-            elif code != 204:
+            elif code not in (0, 204):
                 log(f"fetching the rendered spec failed: HTTP {code}: {(body or {}).get('message', '')}")
                 time.sleep(self.config.fetch_interval)
             if time.monotonic() - last_push >= self.config.status_interval:
@@ -446,18 +479,43 @@ def reboot() -> None:
 
 
 def guest_files() -> list[tuple[str, bytes, int]]:
-    """(guest path, content, mode) that install the stand-in; then `systemctl enable flightctl-agent`."""
+    """(guest path, content, mode) that install the stand-in; then `systemctl enable flightctl-agent.path`."""
     return [(SCRIPT_PATH, Path(__file__).read_bytes(), 0o755),
-            (f"/etc/systemd/system/{UNIT_NAME}", UNIT.encode("utf-8"), 0o644)]
+            (f"/etc/systemd/system/{UNIT_NAME}", UNIT.encode("utf-8"), 0o644),
+            (f"/etc/systemd/system/{PATH_UNIT_NAME}", PATH_UNIT.encode("utf-8"), 0o644)]
+
+
+def ui_endpoint(doc: dict[str, Any]) -> str:
+    service = doc.get("enrollment-service")
+    return str((service or {}).get("enrollment-ui-endpoint") or "").rstrip("/") if isinstance(service, dict) else ""
+
+
+def read_config() -> tuple[dict[str, Any], Config | None, str]:
+    """The parsed document, the Config (None if incomplete) and why not."""
+    doc = parse_yaml(CONFIG.read_text())
+    try:
+        return doc, Config(doc), ""
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return doc, None, f"{CONFIG} is not a usable agent config ({type(exc).__name__}: {exc})"
 
 
 def main() -> int:
     while not CONFIG.exists():
         log(f"waiting for {CONFIG}")
         time.sleep(5)
-    config = Config(parse_yaml(CONFIG.read_text()))
+    doc, config, problem = read_config()
     name = ensure_identity()
     enrolled = CERT.exists()
+    if config is None:
+        # Like the real agent, the banner needs only the UI endpoint; without a service to enroll
+        # with it waits (cheaply, no restart loop) for the config to change, then starts over.
+        if ui_endpoint(doc):
+            write_banner_to(ui_endpoint(doc), name, enrolled)
+        log(problem)
+        seen = CONFIG.stat().st_mtime_ns
+        while CONFIG.exists() and CONFIG.stat().st_mtime_ns == seen:
+            time.sleep(5)
+        return 1
     write_banner(config, name, enrolled)
     with tempfile.TemporaryDirectory(prefix="standin-", dir=CERTS) as workdir:
         agent = Agent(config, name, Path(workdir))

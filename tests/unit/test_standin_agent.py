@@ -106,6 +106,10 @@ def test_the_unit_is_type_notify_and_restarts() -> None:
     files = {path: (content, mode) for path, content, mode in standin_agent.guest_files()}
     assert files[standin_agent.SCRIPT_PATH] == (SCRIPT.read_bytes(), 0o755)
     assert files["/etc/systemd/system/flightctl-agent.service"][0] == unit.encode()
+    # Started by its path unit, never WantedBy=multi-user.target: no boot waits for an enrollment.
+    assert "[Install]" not in unit and not re.search(r"^WantedBy=", unit, re.MULTILINE)
+    path_unit = files["/etc/systemd/system/flightctl-agent.path"][0].decode()
+    assert "PathExists=/etc/flightctl/config.yaml" in path_unit and "WantedBy=multi-user.target" in path_unit
 
 
 def test_the_script_imports_only_the_standard_library() -> None:

@@ -1,15 +1,19 @@
 #!/bin/sh
-# mmdebstrap customize hook of the Debian test guest: $1 = the new root, $2 = files/debian/rootfs.
+# mmdebstrap customize hook of the Debian test guest: $1 = the new root, $2 = files/debian/rootfs,
+# $3 = the stand-in agent's files (staged by debian.py from tests/support/standin_agent.py).
 set -eu
 umask 022
 root=$1
-files=$2
 # Explicit modes: a git checkout keeps only the exec bit.
-(cd "$files" && find . -type f) | while IFS= read -r f; do
-    mkdir -p "$root/$(dirname "$f")"
-    cp "$files/$f" "$root/$f"
-    if [ -x "$files/$f" ]; then chmod 0755 "$root/$f"; else chmod 0644 "$root/$f"; fi
-done
+copy_tree() {
+    (cd "$1" && find . -type f) | while IFS= read -r f; do
+        mkdir -p "$root/$(dirname "$f")"
+        cp "$1/$f" "$root/$f"
+        if [ -x "$1/$f" ]; then chmod 0755 "$root/$f"; else chmod 0644 "$root/$f"; fi
+    done
+}
+copy_tree "$2"
+copy_tree "$3"
 chmod 0440 "$root/etc/sudoers.d/fcdev-user"
 chroot "$root" useradd --create-home --shell /bin/bash --groups sudo user
 echo 'user:user' | chroot "$root" chpasswd

@@ -1,0 +1,1 @@
+../../../support/standin_agent.py
