@@ -21,20 +21,24 @@ if TYPE_CHECKING:
         BootError,
         ConfigError,
         DeviceError,
+        DeviceStateError,
         GitHubError,
         GuestCommandError,
         MissingToolError,
         PodmanError,
+        ServiceConnectionError,
     )
     from pytest_flightctl_device.images.podman import LoadedImages
+    from pytest_flightctl_device.service.enrolled import EnrolledDevice
     from pytest_flightctl_device.settings import Settings
 
 _WHERE = {
     "AgentConfig": "devices.agent", "AgentFile": "devices.agent", "CommandResult": "devices.ssh",
     "DeviceVM": "devices.vm", "DeviceVMFactory": "devices.factory", "VMRequest": "devices.request",
-    "LoadedImages": "images.podman", "Settings": "settings",
+    "LoadedImages": "images.podman", "Settings": "settings", "EnrolledDevice": "service.enrolled",
     **{name: "errors" for name in ("AgentConfigError", "ArtifactError", "BootError", "ConfigError", "DeviceError",
-                                   "GitHubError", "GuestCommandError", "MissingToolError", "PodmanError")},
+                                   "DeviceStateError", "GitHubError", "GuestCommandError", "MissingToolError",
+                                   "PodmanError", "ServiceConnectionError")},
 }
 __all__ = [
     "AgentConfig",
@@ -45,13 +49,16 @@ __all__ = [
     "CommandResult",
     "ConfigError",
     "DeviceError",
+    "DeviceStateError",
     "DeviceVM",
     "DeviceVMFactory",
+    "EnrolledDevice",
     "GitHubError",
     "GuestCommandError",
     "LoadedImages",
     "MissingToolError",
     "PodmanError",
+    "ServiceConnectionError",
     "Settings",
     "VMRequest",
 ]

@@ -39,6 +39,14 @@ class BootError(DeviceError):
     """A device VM failed to start or to become ready; the message quotes the console tail."""
 
 
+class ServiceConnectionError(ConfigError):
+    """The flightctl service is unreachable, its TLS certificate is not trusted, or it refused the token."""
+
+
+class DeviceStateError(DeviceError):
+    """An enrolled device did not reach the state a wait asked for; the message quotes its conditions."""
+
+
 class GuestCommandError(DeviceError):
     """A command run in a device VM exited non-zero while check=True."""
 

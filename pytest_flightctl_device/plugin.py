@@ -25,7 +25,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "device(variant=..., memory_mib=..., vcpus=...): the device VM this test gets.",
+        "device(variant=..., memory_mib=..., vcpus=..., labels={...}): the device VM this test gets "
+        "(labels: what enrolled_device approves it with).",
     )
     # Collect the raw values only: Settings.resolve is the one path, shared with flightctl-device.
     cli = {knob.attr: config.getoption(knob.cli) for knob in KNOBS}
@@ -278,6 +279,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if factory is None:
         return report  # type: ignore[return-value]
     if report.failed:
+        enrolled = item.stash.get(_ENROLLED_KEY, None)
+        if enrolled is not None:
+            report.sections.extend(enrolled.sections())
         for vm in factory.made_for(item.nodeid):
             report.sections.append((f"flightctl-device {vm.name} console (last 50 lines)", vm.console_tail()))
             report.sections.append((f"flightctl-device {vm.name} domain XML", vm.domain_xml()))
@@ -354,3 +358,137 @@ def _remap_for(request: pytest.FixtureRequest) -> RegistryRemap | None:
         return None
     held: AgentRegistry = request.getfixturevalue("agent_registry")
     return held.remap
+
+
+# -- the flightctl service: flightctl_api, enrolled_device -----------------------------------------
+
+if TYPE_CHECKING:
+    from pytest_flightctl_device.service.connection import ServiceSettings
+    from pytest_flightctl_device.service.enrolled import EnrolledDevice
+
+_SERVICE_KEY = pytest.StashKey["tuple[ServiceSettings | None, str | None]"]()
+_ENROLLED_KEY = pytest.StashKey["_Enrolled"]()
+
+
+def _service(config: pytest.Config) -> tuple[ServiceSettings | None, str | None]:
+    """The service settings, resolved and checked once per process: (settings, None) or (None, why).
+    xdist workers resolve the same options, FLIGHTCTL_TOKEN and client.yaml, so they share them."""
+    cached = config.stash.get(_SERVICE_KEY, None)
+    if cached is None:
+        from pytest_flightctl_device.errors import DeviceError
+        from pytest_flightctl_device.service import connection
+
+        try:
+            service = connection.resolve(settings_of(config), os.environ)
+            connection.check(service)
+            cached = (service, None)
+        except DeviceError as exc:
+            cached = (None, str(exc))
+        config.stash[_SERVICE_KEY] = cached
+    return cached
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The flightctl service is checked once, before any device boots, when a collected test needs it."""
+    if any("flightctl_api" in getattr(item, "fixturenames", ()) for item in items):
+        _service(config)
+
+
+@pytest.fixture(scope="session")
+def flightctl_api(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """flightctl-client's ApiClient for the service (--device-flightctl-api and FLIGHTCTL_TOKEN, or
+    the client.yaml of `flightctl login`), checked once through its version endpoint."""
+    service, error = _service(request.config)
+    if service is None:
+        pytest.fail(error or "the flightctl service is not configured", pytrace=False)
+    from pytest_flightctl_device.service.connection import api_client
+
+    with api_client(service) as client:
+        yield client
+
+
+class _Enrolled:
+    """What a failed enrolled test's report shows: the device's conditions and the agent's journal tail,
+    taken while the VM still runs (redacted like the console)."""
+
+    def __init__(self, vm: DeviceVM) -> None:
+        self.vm = vm
+        self.device: EnrolledDevice | None = None
+        self.taken: list[tuple[str, str]] | None = None
+
+    def take(self) -> None:
+        import contextlib
+
+        sections = []
+        if self.device is not None:
+            sections.append((f"flightctl-device {self.device.name} device conditions", self.device.conditions()))
+        journal = "(the agent's journal could not be read)"
+        with contextlib.suppress(Exception):
+            journal = self.vm.agent_journal(50) or "(empty)"
+        sections.append((f"flightctl-device {self.vm.name} agent journal (last 50 lines)", journal))
+        self.taken = sections
+
+    def sections(self) -> list[tuple[str, str]]:
+        if self.taken is None:
+            self.take()
+        return list(self.taken or [])
+
+
+def _test_id(request: pytest.FixtureRequest) -> str:
+    """A label value unique to this test and run (and valid as a label: 63 characters at most)."""
+    import hashlib
+
+    digest = hashlib.sha256(request.node.nodeid.encode("utf-8")).hexdigest()[:12]
+    return f"fcdev-{_run_id(request.config)}-{digest}"
+
+
+@pytest.fixture
+def enrolled_device(request: pytest.FixtureRequest, flightctl_api: Any,
+                    device_vm_factory: DeviceVMFactory) -> Iterator[EnrolledDevice]:
+    """A device booted, approved with a test-id label (plus the marker's labels=) and Online.
+
+    Teardown stops the VM first, then deletes this test's Device (by its test-id label) and its
+    EnrollmentRequest (by name), nothing else.
+    """
+    from pytest_flightctl_device.service import enrolled
+
+    settings = settings_of(request.config)
+    marker = request.node.get_closest_marker("device")
+    node = request.node.nodeid
+    remap = _remap_for(request)
+    wanted = _guarded(settings, lambda: device_vm_factory.request_from_marker(marker.args, marker.kwargs)
+                      if marker else device_vm_factory.request())
+    test_id = _test_id(request)
+    vm = _guarded(settings, lambda: device_vm_factory.create(wanted, for_test=node, registry=remap))
+    holder = request.node.stash[_ENROLLED_KEY] = _Enrolled(vm)
+    name: str | None = None
+    try:
+        name = _guarded(settings, lambda: vm.enrollment_id(timeout=vm.ready_timeout))
+        holder.device = _guarded(settings, lambda: enrolled.enroll(
+            vm, flightctl_api, dict(wanted.labels), test_id=test_id, timeout=vm.ready_timeout, name=name))
+    except BaseException:
+        holder.take()  # before the VM goes
+        _finish_enrolled(request, device_vm_factory, vm, flightctl_api, test_id, name, failed=True)
+        raise
+    yield holder.device
+    failed = any(report.failed for report in request.node.stash.get(_REPORTS_KEY, {}).values())
+    if failed and holder.taken is None:
+        holder.take()
+    _finish_enrolled(request, device_vm_factory, vm, flightctl_api, test_id, name, failed=failed)
+
+
+def _finish_enrolled(request: pytest.FixtureRequest, factory: DeviceVMFactory, vm: DeviceVM, client: Any,
+                     test_id: str, name: str | None, *, failed: bool) -> None:
+    """Stop the VM (or keep it), then remove this test's Device and ER; a kept VM keeps them too."""
+    from pytest_flightctl_device.service import enrolled
+
+    kept = factory.finish(vm, failed=failed)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if kept:
+        if reporter is not None:
+            reporter.write_line(f"flightctl-device: kept {vm.name} (device {name}, label "
+                                f"{enrolled.TEST_ID_LABEL}={test_id}) for {request.node.nodeid}; {kept}")
+        return
+    enrolled.cleanup(client, test_id, name)
+

@@ -277,6 +277,13 @@ KNOBS: tuple[Knob, ...] = (
          False, flag=True),
     Knob("max-vms", "Device VMs running at once across all runs sharing the workdir; more boots queue.",
          _positive_int, None, "from available memory and the VM size", metavar="N"),
+    # -- the flightctl service: enrolled_device (the token only from FLIGHTCTL_TOKEN) ------------
+    Knob("flightctl-api", "flightctl API URL for enrolled_device; the token comes from FLIGHTCTL_TOKEN.",
+         _http_url, default_text="service.server of the client config", metavar="URL"),
+    Knob("flightctl-ca", "CA certificate (PEM) of the flightctl API.", _file,
+         default_text="the client config's, else the system's", metavar="FILE"),
+    Knob("flightctl-client-config", "client.yaml written by `flightctl login` (server, CA, token).", _file,
+         default_text="~/.config/flightctl/client.yaml when it exists", metavar="FILE"),
     # -- artifacts: where the images bundle and the qcow2 come from --------------------------
     Knob("bundle", "Agent images bundle (`podman save -m` tar): a local path or an http(s) URL.",
          _file_or_url, metavar="PATH|URL"),
@@ -361,6 +368,9 @@ class Settings:
     firmware: str = field(default_factory=_default("firmware"))
     prefetch: bool = field(default_factory=_default("prefetch"))
     max_vms: int | None = field(default_factory=_default("max_vms"))
+    flightctl_api: str | None = field(default_factory=_default("flightctl_api"))
+    flightctl_ca: Path | None = field(default_factory=_default("flightctl_ca"))
+    flightctl_client_config: Path | None = field(default_factory=_default("flightctl_client_config"))
     bundle: str | None = field(default_factory=_default("bundle"))
     bundle_sha256: str | None = field(default_factory=_default("bundle_sha256"))
     qcow2_sha256: str | None = field(default_factory=_default("qcow2_sha256"))

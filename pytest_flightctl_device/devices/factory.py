@@ -160,7 +160,8 @@ class DeviceVMFactory:
     # -- requests ------------------------------------------------------------------------------------
 
     def request(self, *, memory_mib: int | None = None, vcpus: int | None = None, variant: str = "base",
-                runcmd: Iterable[str] = (), boot_timeout: float | None = None) -> VMRequest:
+                runcmd: Iterable[str] = (), boot_timeout: float | None = None,
+                labels: Mapping[str, str] | None = None) -> VMRequest:
         """Validate what a test asks for before anything boots."""
         if variant not in VARIANTS:
             raise ConfigError(f"device marker variant={variant!r} is unknown; "
@@ -168,9 +169,14 @@ class DeviceVMFactory:
         for label, value in (("memory_mib", memory_mib), ("vcpus", vcpus), ("boot_timeout", boot_timeout)):
             if value is not None and (not isinstance(value, int | float) or value <= 0):
                 raise ConfigError(f"device marker {label}={value!r} must be a positive number.")
+        if labels is not None and (not isinstance(labels, Mapping) or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in labels.items())):
+            raise ConfigError(f"device marker labels={labels!r} must map label names to strings, "
+                              "such as labels={'site': 'lab'}.")
         return VMRequest(memory_mib=int(memory_mib or self.settings.memory_mib),
                          vcpus=int(vcpus or self.settings.vcpus), variant=variant,
-                         runcmd=tuple(runcmd), boot_timeout=boot_timeout)
+                         runcmd=tuple(runcmd), boot_timeout=boot_timeout,
+                         labels=tuple(sorted((labels or {}).items())))
 
     def request_from_marker(self, args: Sequence[object], kwargs: Mapping[str, Any]) -> VMRequest:
         """`@pytest.mark.device(...)`'s arguments: keywords named like VMRequest's fields only."""

@@ -17,3 +17,4 @@ class VMRequest:
     variant: str = "base"
     runcmd: tuple[str, ...] = ()
     boot_timeout: float | None = None
+    labels: tuple[tuple[str, str], ...] = ()  # enrolled_device approves the device with these

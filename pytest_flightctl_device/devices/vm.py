@@ -16,6 +16,11 @@ from pytest_flightctl_device.devices.seed import redacted_user_data
 from pytest_flightctl_device.devices.ssh import CommandResult, SshClient
 from pytest_flightctl_device.errors import BootError, DeviceError
 
+AGENT_UNIT = "flightctl-agent.service"
+BANNER_FILE = "/etc/issue.d/flightctl-banner.issue"
+ENROLL_ID = re.compile(r"/enroll/(\w+)")
+
+
 
 class DeviceVM:
     """A booted device: run commands, copy files, reboot, read the console."""
@@ -45,6 +50,11 @@ class DeviceVM:
     def boot_seconds(self) -> float:
         """From its VM slot to ready."""
         return self._boot.seconds
+
+    @property
+    def ready_timeout(self) -> float:
+        """Seconds this device may take to become ready (its boot timeout, x4 under TCG)."""
+        return self._boot.ctx.timeout_for(self.request, self.accel)
 
     @property
     def ready_at(self) -> float:
@@ -128,3 +138,43 @@ class DeviceVM:
         """Stop the domain and remove its files (not when kept)."""
         if not self.kept:
             self._boot.stop()
+
+    # -- the flightctl agent in the device ------------------------------------------------------------
+
+    def agent_journal(self, lines: int = 50) -> str:
+        """The last `lines` of flightctl-agent's journal for its current invocation, secrets redacted."""
+        command = (f"id=$(systemctl show -p InvocationID --value {AGENT_UNIT}); "
+                   f'if [ -n "$id" ]; then sudo journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$id" '
+                   f"| tail -n {int(lines)}; fi")
+        result = self.ssh.run(command, check=False, timeout=60)
+        return self._boot.ctx.redact(result.stdout.rstrip("\n"))
+
+    def enrollment_id(self, timeout: float = 120.0) -> str:
+        """The device's enrollment ID (its name), as upstream's harness reads it: the `/enroll/<id>` in
+        the agent's journal for its current invocation, else in the banner file."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.agent_journal(2000)
+            found = ENROLL_ID.search(text)
+            if found is None:
+                banner = self.ssh.run(f"cat {BANNER_FILE}", check=False, timeout=30).stdout
+                found = ENROLL_ID.search(banner)
+            if found is not None:
+                return found.group(1)
+            if time.monotonic() > deadline:
+                raise DeviceError(f"device VM {self.name}: the agent logged no /enroll/<id> within {timeout:.0f} s "
+                                  f"and {BANNER_FILE} has none; last lines of {AGENT_UNIT}'s journal:\n"
+                                  f"{self.agent_journal(20) or '(empty)'}")
+            time.sleep(POLL_S)
+
+    def console_mark(self) -> int:
+        """A console position; wait_rebooted(mark) waits for a boot that started after it."""
+        return self._boot.console.mark()
+
+    def wait_rebooted(self, since: int, timeout: float | None = None) -> None:
+        """The guest rebooted itself (an OS update) after console_mark() gave `since`: wait until it
+        is ready again, the same steps as a boot (SSH, forwards, cloud-init)."""
+        boot = self._boot
+        self.ssh.close()
+        limit = boot.ctx.timeout_for(self.request, self.accel) if timeout is None else timeout
+        boot.wait_ready(since, time.monotonic() + limit)

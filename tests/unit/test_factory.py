@@ -27,8 +27,11 @@ def test_marker_arguments_are_vmrequests_fields(tmp_path: Path) -> None:
     assert made.request_from_marker((), {"variant": "v2", "runcmd": ["true"]}) == VMRequest(
         memory_mib=512, vcpus=2, variant="v2", runcmd=("true",))
     with pytest.raises(ConfigError, match=r"unexpected arguments \['memory'\]; use keyword arguments from "
-                                          r"memory_mib, vcpus, variant, runcmd, boot_timeout\."):
+                                          r"memory_mib, vcpus, variant, runcmd, boot_timeout, labels\."):
         made.request_from_marker((), {"memory": 512})
+    assert made.request_from_marker((), {"labels": {"site": "lab", "a": "b"}}).labels == (("a", "b"), ("site", "lab"))
+    with pytest.raises(ConfigError, match=r"labels=\{'site': 1\} must map label names to strings"):
+        made.request_from_marker((), {"labels": {"site": 1}})
     with pytest.raises(ConfigError, match=r"unexpected arguments \['v2'\]"):
         made.request_from_marker(("v2",), {})
     with pytest.raises(ConfigError, match="vcpus=0 must be a positive number"):
