@@ -88,8 +88,8 @@ class EnrolledDevice:
         """Set spec.os.image to `vm.image(variant)` (a variant name; a full reference is used as it is),
         then wait until the agent reports the new rendered version as Updated, through the reboot an
         OS update causes; fail fast, conditions quoted, when it fails or rolls back."""
-        from flightctl.models.device_os_spec import DeviceOsSpec
         from flightctl.models.device_spec import DeviceSpec
+        from flightctl.models.image_or_catalog_item_ref_spec import ImageOrCatalogItemRefSpec
 
         image = variant if IMAGE_REF.search(variant) else self.vm.image(variant)
         limit = timeout or self.timeout
@@ -100,7 +100,7 @@ class EnrolledDevice:
         def set_image(device: Any) -> None:
             if device.spec is None:
                 device.spec = DeviceSpec()
-            device.spec.os = DeviceOsSpec(image=image)
+            device.spec.os = ImageOrCatalogItemRefSpec(image=image)
 
         replaced = self.update(set_image)
         target = waits.wanted_version(_json(replaced))
@@ -134,9 +134,11 @@ class EnrolledDevice:
 
 
 def _json(device: Any) -> Mapping[str, Any]:
+    """The Device as the API's JSON (camelCase, enums as their strings: to_dict() keeps Enum objects)."""
     if device is None:
         return {}
-    data = device.to_dict() if hasattr(device, "to_dict") else device
+    data = device.model_dump(mode="json", by_alias=True, exclude_none=True) if hasattr(device, "model_dump") \
+        else device
     return data if isinstance(data, Mapping) else {}
 
 

@@ -251,3 +251,26 @@ def test_the_plugin_and_the_service_package_import_no_flightctl_client() -> None
             "print(sorted(m for m in sys.modules if m == 'flightctl' or m.startswith(('flightctl.', 'pydantic'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_waits_read_the_clients_models_as_the_apis_json(emu: FlightctlEmulator) -> None:
+    """to_dict() keeps Enum objects; the waits see the strings the API sends."""
+    from flightctl.api.device_api import DeviceApi
+    from flightctl.models.device import Device
+
+    with connection.api_client(_service(emu)) as client:
+        DeviceApi(client).replace_device("dev1", Device.from_dict(
+            {"apiVersion": "flightctl.io/v1beta1", "kind": "Device", "metadata": {"name": "dev1"}}))
+
+        def report(status: dict[str, Any]) -> None:
+            status["lastSeen"] = "2026-01-01T00:00:00Z"
+            status["config"]["renderedVersion"] = "1"
+            status["conditions"] = [{"type": "Updating", "status": "False", "reason": "Updated",
+                                     "message": "Updated to desired renderedVersion: 1",
+                                     "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+
+        emu.set_device_status("dev1", report)
+        device = enrolled.EnrolledDevice(None, client, "dev1", "t1", timeout=5)  # type: ignore[arg-type]
+        got = device.wait_for(lambda d: waits.is_online(enrolled._json(d)), what="Online")
+        assert waits.update_verdict(enrolled._json(got), 1) is True
+        assert "summary Online; updated UpToDate" in device.conditions()
