@@ -8,6 +8,7 @@ read, and driven, without the factory that made it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -46,6 +47,8 @@ from pytest_flightctl_device.devices.ssh import KeyPair, SshClient
 from pytest_flightctl_device.errors import BootError
 
 if TYPE_CHECKING:
+    from pytest_flightctl_device.devices.console_stream import ConsoleStream
+    from pytest_flightctl_device.devices.hosts import Host, Hosts
     from pytest_flightctl_device.devices.remap import RegistryRemap
     from pytest_flightctl_device.devices.request import VMRequest
 
@@ -57,7 +60,7 @@ LOGIN_USER = "user"
 class BootContext:
     """What a boot needs from the session that asks for it."""
 
-    conn: Any  # a libvirt connection
+    conn: Any  # the libvirt connection of the host this boot is placed on (once run() placed it)
     base_image: Path
     keypair: KeyPair
     agent: AgentConfig
@@ -73,6 +76,12 @@ class BootContext:
     boot_timeout: float
     log: Callable[[str], None]
     registry: RegistryRemap | None = None  # the test asked for agent_registry: the remap goes in
+    hosts: Hosts | None = None  # --device-libvirt-uri's hosts: run() places the boot on one of them
+    host: Host | None = None  # the host it was placed on (conn is its connection)
+
+    @property
+    def remote(self) -> bool:
+        return self.host is not None and self.host.remote
 
     def timeout_for(self, request: VMRequest, accel: str) -> float:
         base = request.boot_timeout or self.boot_timeout
@@ -113,12 +122,20 @@ class Boot:
         self.seed_spec: SeedSpec | None = None
         self.ssh: SshClient | None = None
         self._slot: Slot | None = None
+        self.host_label = "local"
+        self.console_stream: ConsoleStream | None = None
+        self.volumes: list[str] = []  # on a remote host: this boot's volumes, removed at stop()
 
     # -- the boot --------------------------------------------------------------------------------
 
     def run(self) -> None:
         ctx = self.ctx
-        self._slot = ctx.slots.acquire(SLOT_WAIT_S, ctx.log, self.cancelled)
+        if ctx.hosts is not None:
+            host, self._slot = ctx.hosts.acquire(self.request.memory_mib, SLOT_WAIT_S, ctx.log, self.cancelled)
+            self.ctx = ctx = dataclasses.replace(ctx, conn=host.conn, host=host)
+            self.host_label = host.label
+        else:
+            self._slot = ctx.slots.acquire(SLOT_WAIT_S, ctx.log, self.cancelled)
         started = time.monotonic()
         self.dir.mkdir(mode=0o711)
         os.chmod(self.dir, 0o711)  # noqa: S103 - qemu (another user) must traverse, not list
@@ -134,7 +151,8 @@ class Boot:
         self.accel = "kvm" if choice.kvm else "tcg"
         self.accel_reason = choice.reason
         self.ssh = SshClient(port=self.ssh_port, key=ctx.keypair.private_path, user=LOGIN_USER,
-                             state_dir=self.dir)
+                             state_dir=self.dir,
+                             jump=ctx.host.address.jump() if ctx.host is not None and ctx.remote else None)
         self.wait_ready(0, started + ctx.timeout_for(self.request, self.accel))
         self.ready_at = time.monotonic()
         self.seconds = self.ready_at - started
@@ -172,22 +190,59 @@ class Boot:
 
     def _start(self, choice: Choice) -> Choice:
         ctx = self.ctx
-        self.overlay.unlink(missing_ok=True)
-        create_overlay(ctx.base_image, self.overlay)
+        if ctx.remote:
+            overlay, seed = self._remote_files()
+        else:
+            self.overlay.unlink(missing_ok=True)
+            create_overlay(ctx.base_image, self.overlay)
+            overlay, seed = self.overlay, self.seed
         self.console_path.unlink(missing_ok=True)
         created = datetime.now(UTC).isoformat(timespec="seconds")
 
         def spec_for(port: int) -> DomainSpec:
             return DomainSpec(
                 name=self.name, kvm=choice.kvm, memory_mib=self.request.memory_mib, vcpus=self.request.vcpus,
-                overlay=self.overlay, seed=self.seed, console=self.console_path, ssh_port=port, mac=self.mac,
+                overlay=overlay, seed=seed, console=self.console_path, ssh_port=port, mac=self.mac,
                 isolated=ctx.isolated, firmware=ctx.firmware, owner=ctx.owner, run_id=ctx.run_id,
-                created=created, nvram=self.dir / "VARS.fd")
+                created=created, nvram=None if ctx.remote else self.dir / "VARS.fd", console_pty=ctx.remote)
 
         self.dom, self.spec = start_domain(ctx.conn, spec_for, ports_lock=ctx.ports_lock,
-                                           base_image=ctx.base_image, autodestroy=not ctx.keep_vm)
+                                           base_image=ctx.base_image, autodestroy=not ctx.keep_vm,
+                                           ports=ctx.host.ports(ctx.ports_lock) if ctx.host is not None else None,
+                                           paused=ctx.remote)
         self.ssh_port = self.spec.ssh_port
+        if ctx.remote:
+            self._attach_console()
         return choice
+
+    def _remote_files(self) -> tuple[Path, Path]:
+        """The overlay (over the base uploaded once per host) and the seed, as volumes on the host."""
+        from pytest_flightctl_device.devices.volumes import base_digest_cached, qcow2_virtual_size
+
+        host = self.ctx.host
+        assert host is not None
+        host.write_owner()
+        store = host.store
+        base = store.base(self.ctx.base_image, base_digest_cached(self.ctx.base_image))
+        overlay_name, seed_name = f"{self.name}.overlay.qcow2", f"{self.name}.seed.iso"
+        for name in (overlay_name, seed_name):
+            store.delete(name)
+        self.volumes = [overlay_name, seed_name]
+        overlay = store.overlay(overlay_name, base, qcow2_virtual_size(self.ctx.base_image))
+        seed = store.upload(seed_name, self.seed)
+        return Path(overlay), Path(seed)
+
+    def _attach_console(self) -> None:
+        """The remote console drained into console.log, then the guest's CPUs started."""
+        from pytest_flightctl_device.devices.console_stream import ConsoleStream
+
+        self.console_stream = ConsoleStream(self.ctx.conn, self.dom, self.console_path)
+        try:
+            self.console_stream.start()
+            self.dom.resume()
+        except Exception as exc:
+            raise BootError(f"device VM {self.name}: cannot attach its console on {self.host_label} "
+                            f"({exc})") from None
 
     def wait_ready(self, since: int, deadline: float) -> None:
         """Wait for the named readiness steps (see readiness.device_steps); fail fast, say why."""
@@ -199,7 +254,7 @@ class Boot:
                                login=lambda: ssh.run("true", check=False, timeout=30).ok,
                                run=lambda command: ssh.run(command, check=False, timeout=120),
                                forward=ssh.forward_remote, host_forward=self.ctx.host_forward,
-                               redact=self.ctx.redact),
+                               redact=self.ctx.redact, jump=ssh.jump),
             guards=device_guards(console=self.console, since=since, active=self.is_active,
                                  redact=self.ctx.redact),
             cancelled=self.cancelled)
@@ -244,6 +299,9 @@ class Boot:
         if self.dom is not None:
             destroy_domain(self.dom)
             self.dom = None
+        if self.console_stream is not None:
+            self.console_stream.stop()
+            self.console_stream = None
 
     def stop(self) -> None:
         """Close SSH, stop the domain, remove the files, free the slot (whatever fails on the way)."""
@@ -252,6 +310,11 @@ class Boot:
                 self.ssh.close()
         finally:
             self._stop_domain()
+            if self.ctx.host is not None and self.volumes:
+                for name in self.volumes:
+                    with contextlib.suppress(Exception):  # a host gone away: its janitor sweeps them
+                        self.ctx.host.store.delete(name)
+                self.volumes = []
             shutil.rmtree(self.dir, ignore_errors=True)
             if self._slot is not None:
                 self._slot.release()

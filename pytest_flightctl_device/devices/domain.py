@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from pytest_flightctl_device.core import formats
 from pytest_flightctl_device.core.liveness import Owner
-from pytest_flightctl_device.devices.janitor import METADATA_KEY, METADATA_NS
+from pytest_flightctl_device.devices.janitor import METADATA_KEY, METADATA_NS, boot_id
 from pytest_flightctl_device.devices.ports import port_reservation
 from pytest_flightctl_device.errors import BootError, ConfigError, MissingToolError
 
@@ -41,11 +42,12 @@ class DomainSpec:
     created: str
     keep: bool = False
     nvram: Path | None = None
+    console_pty: bool = False  # a remote host: a pty read through libvirt's console stream, not `console`
 
 
 def _owner_attrs(spec: DomainSpec, keep: bool) -> str:
     return (f"pid='{spec.owner.pid}' start='{spec.owner.start}' run={quoteattr(spec.run_id)} "
-            f"created={quoteattr(spec.created)} keep='{int(keep)}'")
+            f"created={quoteattr(spec.created)} keep='{int(keep)}' boot={quoteattr(boot_id())}")
 
 
 def owner_metadata(spec: DomainSpec, *, keep: bool) -> str:
@@ -62,6 +64,13 @@ def _os(spec: DomainSpec) -> str:
                 f"{nvram}<boot dev='hd'/></os>")
     return ("<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/>"
             "<bios useserial='yes'/></os>")
+
+
+def _serial(spec: DomainSpec) -> str:
+    if spec.console_pty:
+        return ("<serial type='pty'><target port='0'/></serial>"
+                "<console type='pty'><target type='serial' port='0'/></console>")
+    return f"<serial type='file'><source path={quoteattr(str(spec.console))}/><target port='0'/></serial>"
 
 
 def render(spec: DomainSpec) -> str:
@@ -105,10 +114,7 @@ def render(spec: DomainSpec) -> str:
       <target dev='sda' bus='scsi'/>
       <readonly/>
     </disk>
-    <serial type='file'>
-      <source path={quoteattr(str(spec.console))}/>
-      <target port='0'/>
-    </serial>
+    {_serial(spec)}
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
     <memballoon model='none'/>
   </devices>
@@ -159,19 +165,25 @@ def create_overlay(base: Path, overlay: Path) -> None:
 
 
 def start_domain(conn: Any, spec_for: Callable[[int], DomainSpec], *, ports_lock: Path, base_image: Path,
-                 autodestroy: bool = True) -> tuple[Any, DomainSpec]:
+                 autodestroy: bool = True,
+                 ports: Callable[[], AbstractContextManager[int]] | None = None,
+                 paused: bool = False) -> tuple[Any, DomainSpec]:
     """Start a transient domain whose SSH forward uses a free loopback port; (domain, spec it got).
 
     The port lock is held until qemu has bound the port; a port taken anyway (by a process outside
-    the lock) is retried with another one.
+    the lock) is retried with another one. `ports` picks ports another way (a remote host's);
+    `paused` leaves the guest's CPUs stopped until the caller resumes it (console stream first).
     """
     import libvirt
 
     flags = libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0
+    if paused:
+        flags |= libvirt.VIR_DOMAIN_START_PAUSED
+    reserve = ports or (lambda: port_reservation(ports_lock))
     last_error = ""
     spec: DomainSpec | None = None
     for _attempt in range(PORT_ATTEMPTS):
-        with port_reservation(ports_lock) as port:
+        with reserve() as port:
             spec = spec_for(port)
             try:
                 dom = conn.createXML(render(spec), flags)

@@ -15,10 +15,18 @@ a `keep` file in its directory and keep='1' in its metadata.
   - temps of killed atomic writers in the workdir itself.
 A live run's things, and kept VMs while their domain still exists, are never touched; a process
 directory without owner.json is left alone for ten minutes (its creator may be writing it).
+
+On a remote libvirt host (`sweep_host()`), libvirt keeps the labels: the process's owner record
+is a volume `fcdev-<run>-<worker>.owner` in the plugin's pool (PID, start time and this
+machine's boot id, written before any other volume of that process), its overlays and seeds are
+volumes named `fcdev-<run>-<worker>-<n>.*`, and its domains carry the boot id in their metadata.
+An owner is judged only by the machine it ran on (same boot id): another machine's PIDs mean
+nothing here, so its things are left to its own janitor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -59,12 +67,30 @@ def read_owner(process_dir: Path) -> Owner | None:
         return None
 
 
+def boot_id() -> str:
+    """This machine's current boot: a PID and start time mean something only within it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def owner_record(owner: Owner) -> dict[str, Any]:
+    return {"pid": owner.pid, "start": owner.start, "boot": boot_id()}
+
+
+def owner_volume(process_name: str) -> str:
+    return f"{process_name}.owner"
+
+
 def _domain_owner(dom: Any) -> tuple[Owner | None, bool]:
     import libvirt
 
     try:
         xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
         element = ET.fromstring(xml)  # noqa: S314 - our own element, read back from libvirt
+        if element.get("boot", boot_id()) != boot_id():
+            return None, False  # another machine's (or boot's) domain: not ours to judge
         return Owner(int(element.attrib["pid"]), int(element.attrib["start"])), element.get("keep") == "1"
     except (libvirt.libvirtError, ET.ParseError, KeyError, ValueError):
         return None, False
@@ -132,3 +158,75 @@ def sweep_files(workdir: Path, present_domains: set[str]) -> list[Path]:
 def sweep(conn: Any, workdir: Path) -> Swept:
     destroyed, present = sweep_domains(conn)
     return Swept(destroyed, sweep_files(workdir, present))
+
+
+# -- remote hosts: volumes in the plugin's pool ---------------------------------------------------
+
+
+def _record_owner(conn: Any, vol: Any) -> Owner | None:
+    """The owner a record volume names, if it ran on this machine's current boot."""
+    from pytest_flightctl_device.devices.volumes import read_volume
+
+    try:
+        data = json.loads(read_volume(conn, vol))
+        if data.get("boot") != boot_id():
+            return None
+        return Owner(int(data["pid"]), int(data["start"]))
+    except Exception:  # unreadable or foreign: leave it
+        return None
+
+
+def sweep_volumes(conn: Any, pool_name: str, present_domains: set[str]) -> list[str]:
+    """Delete the volumes of dead owners of this machine (a kept VM's, while its domain exists, stay)."""
+    import libvirt
+
+    try:
+        pool = conn.storagePoolLookupByName(pool_name)
+        if not pool.isActive():
+            return []
+        volumes = {vol.name(): vol for vol in pool.listAllVolumes(0)}
+    except libvirt.libvirtError:
+        return []
+    removed: list[str] = []
+    for name, vol in sorted(volumes.items()):
+        if not name.startswith(PREFIX) or not name.endswith(".owner"):
+            continue
+        owner = _record_owner(conn, vol)
+        if owner is None or owner.alive():
+            continue
+        process = name.removesuffix(".owner")
+        mine = [n for n in volumes if n.startswith(process + "-") or n.startswith(process + ".")]
+        kept = False
+        for other in mine:
+            vm = other.split(".", 1)[0]
+            if other != name and vm in present_domains:
+                kept = True  # a kept VM's disk: its domain still runs
+                continue
+            if other == name:
+                continue
+            try:
+                volumes[other].delete(0)
+                removed.append(other)
+            except libvirt.libvirtError:
+                kept = True
+        if not kept:
+            try:
+                vol.delete(0)
+                removed.append(name)
+            except libvirt.libvirtError:
+                pass
+    return removed
+
+
+def drop_owner_volume(conn: Any, pool: Any, process_name: str) -> None:
+    """A process's last act on a host: its owner record goes once none of its volumes is left."""
+    names = [vol.name() for vol in pool.listAllVolumes(0)]
+    if not any(n.startswith(process_name + "-") for n in names):
+        with contextlib.suppress(Exception):
+            pool.storageVolLookupByName(owner_volume(process_name)).delete(0)
+
+
+def sweep_host(conn: Any, pool_name: str) -> Swept:
+    """A remote host's dead domains and volumes (its files are volumes: see the module docstring)."""
+    destroyed, present = sweep_domains(conn)
+    return Swept(destroyed, [Path(name) for name in sweep_volumes(conn, pool_name, present)])

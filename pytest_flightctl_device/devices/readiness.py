@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pytest_flightctl_device.devices.console import CLOUD_INIT_ERROR, NO_BOOT_DEVICE, PANIC, ConsoleLog
-from pytest_flightctl_device.devices.ssh import BannerWatch, CommandResult
+from pytest_flightctl_device.devices.ssh import BannerWatch, CommandResult, Jump
 
 POLL_S = 0.2
 LOGIN_RETRY_S = 1.0  # between SSH login attempts while the guest may not have its key yet
@@ -162,8 +162,9 @@ class SshBanner:
 
     name = "ssh banner"
 
-    def __init__(self, port: int, host: str = "127.0.0.1", patience: float = 10.0) -> None:
-        self._watch = BannerWatch(port, host, patience)
+    def __init__(self, port: int, host: str = "127.0.0.1", patience: float = 10.0,
+                 jump: Jump | None = None) -> None:
+        self._watch = BannerWatch(port, host, patience, jump)
 
     def poll(self) -> bool:
         return self._watch.poll()
@@ -238,13 +239,14 @@ class CloudInitDone:
 def device_steps(*, console: ConsoleLog, since: int, marker: str, ssh_port: int,
                  login: Callable[[], bool], run: Callable[[str], CommandResult],
                  forward: Callable[[int], None], host_forward: Sequence[int],
-                 redact: Callable[[str], str], clock: Clock | None = None) -> list[Step]:
+                 redact: Callable[[str], str], clock: Clock | None = None,
+                 jump: Jump | None = None) -> list[Step]:
     """What a boot and a reboot wait for, in order.
 
     Without host forwards: the console marker, then the SSH banner, then cloud-init's status. The
     banner is watched only once the marker is there: a connection opened while the guest's network
     is still down hangs in slirp's SYN backoff and delayed readiness by up to the watch's patience
-    (10 s), although sshd had long been listening.
+    (10 s), although sshd had long been listening. `jump`: the forward is on a remote libvirt host.
     With host forwards, the guest may need them before cloud-init can finish (an agent that must
     reach a host service holds cloud-final), so SSH comes first: banner (short patience, so slirp's
     backoff costs at most that), login, forwards, then the marker and cloud-init's status.
@@ -253,8 +255,8 @@ def device_steps(*, console: ConsoleLog, since: int, marker: str, ssh_port: int,
     cloud_init = CloudInitDone(run, redact)
     on_console = ConsoleMarker(console, marker, since)
     if not host_forward:
-        return [on_console, SshBanner(ssh_port), cloud_init]
-    return [SshBanner(ssh_port, patience=3.0), SshLogin(login, clock), HostForwards(host_forward, forward),
+        return [on_console, SshBanner(ssh_port, jump=jump), cloud_init]
+    return [SshBanner(ssh_port, patience=3.0, jump=jump), SshLogin(login, clock), HostForwards(host_forward, forward),
             on_console, cloud_init]
 
 

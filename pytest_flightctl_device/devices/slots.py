@@ -53,6 +53,18 @@ class VMSlots:
         self.directory = directory
         self.count = count
 
+    def try_acquire(self) -> Slot | None:
+        """A free slot now, or None (placement across hosts tries each host in turn)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for index in range(self.count):
+            lock = FileLock(str(self.directory / f"slot-{index}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            return Slot(lock)
+        return None
+
     def acquire(self, timeout: float, on_wait: Callable[[str], None] | None = None,
                 cancelled: threading.Event | None = None) -> Slot:
         self.directory.mkdir(parents=True, exist_ok=True)

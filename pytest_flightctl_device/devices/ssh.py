@@ -69,10 +69,12 @@ class BannerWatch:
     or after `patience` seconds without a banner.
     """
 
-    def __init__(self, port: int, host: str = "127.0.0.1", patience: float = 10.0) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1", patience: float = 10.0,
+                 jump: Jump | None = None) -> None:
         self.address = (host, port)
         self.patience = patience
-        self._sock: socket.socket | None = None
+        self.jump = jump  # a remote host's forward: through its SSH hop
+        self._sock: socket.socket | StreamSocket | None = None
         self._since = 0.0
         self._data = b""
 
@@ -80,7 +82,8 @@ class BannerWatch:
         """True once a banner arrived; never blocks for more than a local connect."""
         if self._sock is None:
             try:
-                self._sock = socket.create_connection(self.address, timeout=0.5)
+                self._sock = (self.jump.open_stream(*self.address) if self.jump is not None
+                              else socket.create_connection(self.address, timeout=0.5))
             except OSError:
                 return False
             self._sock.setblocking(False)
@@ -110,6 +113,74 @@ class BannerWatch:
             self._sock = None
 
 
+@dataclass(frozen=True)
+class Jump:
+    """The SSH hop to a remote libvirt host, as its URI says (user, port, keyfile, no_verify).
+
+    A remote device's SSH forward listens on that host's 127.0.0.1; we reach it the way OpenSSH's
+    ProxyJump does (a `ssh -W %h:%p` hop). The hop is written out as a ProxyCommand because -J
+    cannot carry the URI's keyfile or host-key policy: those options would apply to the guest,
+    not the hop. Like libvirt's own ssh transport, the hop reads the user's ~/.ssh/config and
+    known_hosts, and `no_verify=1` turns host-key checking off (without recording the key).
+    """
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+    keyfile: str | None = None
+    verify: bool = True
+
+    def hop_argv(self, target: str) -> list[str]:
+        """`ssh ... -W target HOST`: a stdio channel to `target` (host:port) on the libvirt host."""
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        if self.user:
+            argv += ["-l", self.user]
+        if self.keyfile:
+            argv += ["-i", self.keyfile]
+        if not self.verify:
+            argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+        return [*argv, "-W", target, self.host]
+
+    def proxy_command(self) -> str:
+        """The ProxyCommand value (%h:%p expanded by the outer ssh; other %s doubled)."""
+        argv = self.hop_argv("TARGET")
+        return shlex.join(argv).replace("%", "%%").replace("TARGET", "%h:%p")
+
+    def open_stream(self, host: str, port: int) -> StreamSocket:
+        """A socket-like channel to host:port on the libvirt host (for the banner watch)."""
+        ours, theirs = socket.socketpair()
+        argv = self.hop_argv(f"{host}:{port}")
+        argv[0] = _which("ssh")
+        try:
+            proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        return StreamSocket(ours, proc)
+
+
+class StreamSocket:
+    """One end of a socketpair whose other end is an `ssh -W` process; closing ends the process."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+        self._sock = sock
+        self._proc = proc
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def recv(self, size: int) -> bytes:
+        return self._sock.recv(size)
+
+    def close(self) -> None:
+        self._sock.close()
+        if self._proc.poll() is None:
+            self._proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)
+
+
 def control_path(state_dir: Path) -> Path:
     """The ControlMaster socket of a VM: in its directory, or under /tmp when that path is too long."""
     control = state_dir / "ssh.ctl"
@@ -123,11 +194,12 @@ class SshClient:
     """OpenSSH client bound to one device: BatchMode, IdentitiesOnly, private known_hosts."""
 
     def __init__(self, *, port: int, key: Path, user: str, state_dir: Path,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", jump: Jump | None = None) -> None:
         self.port = port
         self.key = key
         self.user = user
         self.host = host
+        self.jump = jump  # the device runs on a remote libvirt host: its forward is reached through it
         self.known_hosts = state_dir / "known_hosts"
         self.control_path = control_path(state_dir)
         self._ssh = _which("ssh")
@@ -151,7 +223,11 @@ class SshClient:
             "-o", "ControlPersist=600",
             "-i", str(self.key),
             "-p", str(self.port),
+            *self._proxy(),
         ]
+
+    def _proxy(self) -> list[str]:
+        return ["-o", f"ProxyCommand={self.jump.proxy_command()}"] if self.jump is not None else []
 
     def argv(self, command: str) -> list[str]:
         return [self._ssh, *self._options(), f"{self.user}@{self.host}", command]
@@ -228,7 +304,7 @@ class SshClient:
         return shlex.join([
             "ssh", "-i", str(self.key), "-p", str(self.port),
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "IdentitiesOnly=yes", f"{self.user}@{self.host}",
+            "-o", "IdentitiesOnly=yes", *self._proxy(), f"{self.user}@{self.host}",
         ])
 
 

@@ -42,6 +42,11 @@ class DeviceVM:
         return self._boot.ssh_port
 
     @property
+    def host(self) -> str:
+        """The libvirt host it runs on: `local`, or USER@HOST[:PORT] of a remote --device-libvirt-uri."""
+        return self._boot.host_label
+
+    @property
     def accel(self) -> str:
         """kvm or tcg: what this device runs under."""
         return self._boot.accel

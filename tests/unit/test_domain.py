@@ -10,7 +10,7 @@ import pytest
 
 from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices.domain import DomainSpec, owner_metadata, render, start_domain
-from pytest_flightctl_device.devices.janitor import METADATA_NS
+from pytest_flightctl_device.devices.janitor import METADATA_NS, boot_id
 from pytest_flightctl_device.errors import BootError, ConfigError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -77,7 +77,7 @@ def test_owner_metadata() -> None:
     owner = root.find(f"metadata/{{{METADATA_NS}}}owner")
     assert owner is not None
     assert owner.attrib == {"pid": "123", "start": "456", "run": "ab12",
-                            "created": "2026-11-25T20:00:00+00:00", "keep": "0"}
+                            "created": "2026-11-25T20:00:00+00:00", "keep": "0", "boot": boot_id()}
     kept = ET.fromstring(owner_metadata(spec(), keep=True))
     assert kept.tag == "owner" and kept.get("keep") == "1"
 
