@@ -114,6 +114,12 @@ def _http_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _api_url(text: str) -> str:
+    if not _is_url(text) or not urlparse(text).hostname:
+        raise ValueError("is not an http(s) URL; give the flightctl API as https://host:port")
+    return text.rstrip("/")
+
+
 def _sha256(text: str) -> str:
     value = text.strip().lower().removeprefix("sha256:")
     if not re.fullmatch(r"[0-9a-f]{64}", value):
@@ -279,7 +285,7 @@ KNOBS: tuple[Knob, ...] = (
          _positive_int, None, "from available memory and the VM size", metavar="N"),
     # -- the flightctl service: enrolled_device (the token only from FLIGHTCTL_TOKEN) ------------
     Knob("flightctl-api", "flightctl API URL for enrolled_device; the token comes from FLIGHTCTL_TOKEN.",
-         _http_url, default_text="service.server of the client config", metavar="URL"),
+         _api_url, default_text="service.server of the client config", metavar="URL"),
     Knob("flightctl-ca", "CA certificate (PEM) of the flightctl API.", _file,
          default_text="the client config's, else the system's", metavar="FILE"),
     Knob("flightctl-client-config", "client.yaml written by `flightctl login` (server, CA, token).", _file,

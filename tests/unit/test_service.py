@@ -274,3 +274,9 @@ def test_waits_read_the_clients_models_as_the_apis_json(emu: FlightctlEmulator) 
         got = device.wait_for(lambda d: waits.is_online(enrolled._json(d)), what="Online")
         assert waits.update_verdict(enrolled._json(got), 1) is True
         assert "summary Online; updated UpToDate" in device.conditions()
+
+
+def test_the_api_option_says_what_a_flightctl_url_looks_like() -> None:
+    with pytest.raises(ConfigError, match=r"^--device-flightctl-api 'api:3443' is not an http\(s\) URL; give the "
+                                          r"flightctl API as https://host:port\.$"):
+        Settings.resolve({"flightctl_api": "api:3443"}, {}, {})
