@@ -414,3 +414,29 @@ def test_four_agents_at_once_and_a_deleted_device_re_enrolls(tmp_path: Path) -> 
                 notify.path.unlink(missing_ok=True)
             print("stand-in agents output:", *journal, sep="\n")
         assert emu.errors == []
+
+
+def test_a_config_without_a_service_writes_the_banner_and_waits_for_a_change(tmp_path: Path) -> None:
+    """No restart loop on a config the agent cannot enroll with: banner, one line, then wait."""
+    require_tool("openssl")
+    config = tmp_path / "etc/flightctl/config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("enrollment-service:\n  enrollment-ui-endpoint: https://ui.example.test/\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FLIGHTCTL_STANDIN_ROOT": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(SCRIPT)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        banner = tmp_path / "etc/issue.d/flightctl-banner.issue"
+        deadline = time.monotonic() + 30
+        while not banner.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert re.search(r"https://ui\.example\.test/enroll/[0-9a-v]{52}\n", banner.read_text())
+        time.sleep(0.5)
+        assert proc.poll() is None  # waiting, not exited (systemd would restart it every 5 s)
+        config.write_text(config.read_text() + "# changed\n")
+        assert proc.wait(timeout=15) == 1
+        assert "is not a usable agent config (KeyError: 'service')" in (proc.stdout.read() if proc.stdout else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
