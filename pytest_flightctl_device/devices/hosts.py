@@ -122,7 +122,7 @@ class Host:
         self._pool = pool
         self._conn: Any = None
         self._error: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # write_owner() holds it while the store connects
         self._slots: VMSlots | None = None
         self._store: HostStore | None = None
         self._owner_written = False
