@@ -23,7 +23,7 @@ from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.accel import Accelerator
 from pytest_flightctl_device.devices.agent import AgentConfig
 from pytest_flightctl_device.devices.boot import Boot, BootContext
-from pytest_flightctl_device.devices.domain import open_libvirt
+from pytest_flightctl_device.devices.hosts import Host, Hosts, parse_uri
 from pytest_flightctl_device.devices.remap import RegistryRemap
 from pytest_flightctl_device.devices.request import VMRequest
 from pytest_flightctl_device.devices.slots import VMSlots, default_max_vms
@@ -41,25 +41,32 @@ class BootStats:
 
     times: list[float] = field(default_factory=list)
     accel: set[str] = field(default_factory=set)
+    hosts: dict[str, int] = field(default_factory=dict)  # libvirt host -> devices booted there
 
-    def add(self, seconds: float, accel: str) -> None:
+    def add(self, seconds: float, accel: str, host: str = "local") -> None:
         self.times.append(seconds)
         self.accel.add(accel)
+        self.hosts[host] = self.hosts.get(host, 0) + 1
 
     def merge(self, data: Mapping[str, Any]) -> None:
         """Add figures another process handed over (see as_data)."""
         self.times.extend(data.get("times", []))
         self.accel.update(data.get("accel", []))
+        for host, count in dict(data.get("hosts", {})).items():
+            self.hosts[host] = self.hosts.get(host, 0) + int(count)
 
     def as_data(self) -> dict[str, Any]:
-        return {"times": list(self.times), "accel": sorted(self.accel)}
+        return {"times": list(self.times), "accel": sorted(self.accel), "hosts": dict(self.hosts)}
 
     def summary(self) -> str | None:
         if not self.times:
             return None
         times = sorted(self.times)
+        hosts = ""
+        if set(self.hosts) - {"local"} or len(self.hosts) > 1:
+            hosts = "; per libvirt host: " + ", ".join(f"{host} {count}" for host, count in sorted(self.hosts.items()))
         return (f"{len(times)} device VM(s) booted, ready after {times[0]:.1f}-{times[-1]:.1f} s; "
-                f"acceleration: {'; '.join(sorted(self.accel))}")
+                f"acceleration: {'; '.join(sorted(self.accel))}{hosts}")
 
 
 @dataclass
@@ -100,7 +107,7 @@ class DeviceVMFactory:
         self.vms: list[DeviceVM] = []
         self._made_for: dict[str, list[DeviceVM]] = {}
         self._count = 0
-        self._conn: Any = None
+        self._hosts: Hosts | None = None
         self._keypair: KeyPair | None = None
         self._base_path: Path | None = None
         self.process_dir = settings.workdir / f"{janitor.PREFIX}{run_id}-{worker}"
@@ -112,7 +119,7 @@ class DeviceVMFactory:
     def check(self) -> None:
         """Fail fast (before any boot) when libvirt or qemu-img is missing."""
         formats.qemu_img()
-        self.conn  # noqa: B018 - connecting is the check
+        self.conn  # noqa: B018 - connecting (to the first host that answers) is the check
 
     @property
     def base_image(self) -> Path:
@@ -121,10 +128,22 @@ class DeviceVMFactory:
         return self._base_path
 
     @property
+    def hosts(self) -> Hosts:
+        """--device-libvirt-uri's hosts (URIs checked here, connections opened when first used)."""
+        if self._hosts is None:
+            settings = self.settings
+            addresses = [parse_uri(uri) for uri in settings.libvirt_uri]
+            self._hosts = Hosts([Host(address, workdir=settings.workdir, max_vms=settings.max_vms,
+                                      default_max_vms=lambda: self.slots.count, memory_mib=settings.memory_mib,
+                                      pool=settings.libvirt_pool, owner=self.owner,
+                                      process_name=self.process_dir.name, log=self.log)
+                                 for address in addresses], self.log)
+        return self._hosts
+
+    @property
     def conn(self) -> Any:
-        if self._conn is None:
-            self._conn = open_libvirt(self.settings.libvirt_uri[0])
-        return self._conn
+        """The connection of the first host that answers."""
+        return self.hosts.primary().conn
 
     @property
     def keypair(self) -> KeyPair:
@@ -155,7 +174,7 @@ class DeviceVMFactory:
             accelerator=self.accelerator, slots=self.slots, ports_lock=self.ports_lock, owner=self.owner,
             run_id=self.run_id, isolated=settings.network == "isolated", firmware=settings.firmware,
             keep_vm=settings.keep_vm, host_forward=forwards,
-            boot_timeout=settings.boot_timeout, log=log or self.log, registry=registry)
+            boot_timeout=settings.boot_timeout, log=log or self.log, registry=registry, hosts=self.hosts)
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -217,7 +236,7 @@ class DeviceVMFactory:
             if for_test is not None:
                 self._made_for.setdefault(for_test, []).append(vm)
         self.vms.append(vm)
-        self.stats.add(time.monotonic() - asked, boot.accel_reason)
+        self.stats.add(time.monotonic() - asked, boot.accel_reason, boot.host_label)
         if self.settings.prefetch and request == self.request() and registry is None:
             self._start_spare(request)
         return vm
@@ -298,9 +317,9 @@ class DeviceVMFactory:
         for vm in list(self.vms):
             self.release(vm)
         self._made_for.clear()
-        if self._conn is not None:
+        if self._hosts is not None:
             with contextlib.suppress(Exception):  # closing a dead connection is fine
-                self._conn.close()
-            self._conn = None
+                self._hosts.close()
+            self._hosts = None
         if self.process_dir.exists() and not any(p.is_dir() for p in self.process_dir.iterdir()):
             shutil.rmtree(self.process_dir, ignore_errors=True)
