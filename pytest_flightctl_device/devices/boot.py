@@ -296,12 +296,12 @@ class Boot:
             mark_kept(self.dom, self.spec)
 
     def _stop_domain(self) -> None:
+        if self.console_stream is not None:  # first: the stream must not outlive its console
+            self.console_stream.stop()
+            self.console_stream = None
         if self.dom is not None:
             destroy_domain(self.dom)
             self.dom = None
-        if self.console_stream is not None:
-            self.console_stream.stop()
-            self.console_stream = None
 
     def stop(self) -> None:
         """Close SSH, stop the domain, remove the files, free the slot (whatever fails on the way)."""

@@ -148,6 +148,10 @@ class Host:
             if self._conn is None and self._error is None:
                 from pytest_flightctl_device.devices.domain import open_libvirt
 
+                if self.remote:  # its console streams need libvirt's event loop, before connecting
+                    from pytest_flightctl_device.devices.console_stream import ensure_event_loop
+
+                    ensure_event_loop()
                 try:
                     self._conn = open_libvirt(self.address.uri)
                 except MissingToolError as exc:

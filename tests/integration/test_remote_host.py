@@ -8,6 +8,7 @@ libvirt's real ssh transport, storage API and console stream are used. The base 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import secrets
 import shlex
@@ -30,6 +31,8 @@ from pytest_flightctl_device.errors import BootError
 from pytest_flightctl_device.settings import Settings
 from tests.support.helpers import HELLO, hello_server, missing
 from tests.support.sshd import SshServer, ssh_server
+
+pytest_plugins = ["pytester"]
 
 LOCAL = "qemu:///system"
 
@@ -227,3 +230,68 @@ def test_kill_9_mid_boot_leaves_nothing(device_settings: Settings, sshd: SshServ
     finally:
         conn.close()
     assert not {v for v in _volumes(test_pool) if v.startswith(process)}
+
+
+INNER = """
+    import json, time, pytest
+    import libvirt
+    import xml.etree.ElementTree as ET
+    from pytest_flightctl_device.devices.domain import open_libvirt
+
+    def running(run_id):
+        conn = open_libvirt("qemu:///system")  # both hosts are this machine's libvirtd
+        try:
+            kinds = []
+            for dom in conn.listAllDomains():
+                try:
+                    if dom.name().startswith(f"fcdev-{run_id}-") and dom.isActive():
+                        serial = ET.fromstring(dom.XMLDesc(0)).find("devices/serial").get("type")
+                        kinds.append("remote" if serial == "pty" else "local")
+                except libvirt.libvirtError:  # destroyed by the other worker meanwhile
+                    pass
+            return kinds
+        finally:
+            conn.close()
+
+    @pytest.mark.parametrize("n", [1, 2, 3, 4])
+    def test_device(device_vm, n):
+        run_id = device_vm.name.split("-")[1]
+        seen = []
+        for _ in range(10):
+            seen.append(running(run_id))
+            time.sleep(0.2)
+        with open("OUT/%d.json" % n, "w") as handle:
+            json.dump({"host": device_vm.host, "seen": seen}, handle)
+        assert device_vm.run("echo up").stdout == "down"
+"""
+
+
+def test_two_hosts_under_xdist_each_with_a_one_vm_share(pytester: pytest.Pytester, sshd: SshServer,
+                                                        tiny_guest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "vms"
+    out.mkdir()
+    workdir = Path("/var/tmp") / f"fcdev-test-{secrets.token_hex(3)}"  # qemu must traverse it
+    workdir.mkdir(mode=0o711)
+    pytester.makepyfile(textwrap.dedent(INNER).replace("OUT", str(out)))
+    try:
+        result = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", f"--device-qcow2={tiny_guest}", "--device-network", "isolated",
+            "--device-memory-mib", "256", "--device-vcpus", "1", f"--device-workdir={workdir}",
+            f"--device-libvirt-uri={_uri(sshd)}", f"--device-libvirt-uri={LOCAL}", "--device-max-vms", "1",
+            "-n", "2")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result.assert_outcomes(failed=4)
+    records = [json.loads((out / f"{n}.json").read_text()) for n in (1, 2, 3, 4)]
+    label = f"{sshd.user}@127.0.0.1:{sshd.port}"
+    assert {record["host"] for record in records} == {label, "local"}
+    for record in records:
+        for kinds in record["seen"]:
+            assert kinds.count("remote") <= 1 and kinds.count("local") <= 1, kinds
+    text = result.stdout.str()
+    counts = {host: sum(r["host"] == host for r in records) for host in ("local", label)}
+    result.stdout.fnmatch_lines([f"*4 device VM(s) booted*per libvirt host: local {counts['local']}, "
+                                 f"{label} {counts[label]}*"])
+    # Every failure's report has the console (drained from the stream for the remote ones) and the XML.
+    assert text.count("console (last 50 lines)") == 4 and text.count("fcdev-ready") >= 4
+    assert "<serial type='pty'>" in text or '<serial type="pty">' in text
