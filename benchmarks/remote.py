@@ -63,7 +63,8 @@ def main() -> None:
             remote.close()
             result["upload_mib_s"] = round(guest.stat().st_size / 2**20 / float(result["upload_s"]), 1)
             base = dataclasses.replace(Settings.resolve({}, {}, {}), network="isolated", memory_mib=1024,
-                                       vcpus=1, libvirt_pool=pool_name, workdir=Path(scratch) / "work")
+                                       vcpus=1, libvirt_pool=pool_name,
+                                       workdir=pool_path.with_name(pool_name + "-work"))
             times: dict[str, list[float]] = {"local": [], "remote": []}
             factories = {name: DeviceVMFactory(dataclasses.replace(base, libvirt_uri=(target,)), base_image=guest,
                                                agent=throwaway_agent_config(), run_id=secrets.token_hex(4),
@@ -85,6 +86,7 @@ def main() -> None:
         pool.destroy()
         pool.undefine()
         shutil.rmtree(pool_path, ignore_errors=True)
+        shutil.rmtree(pool_path.with_name(pool_name + "-work"), ignore_errors=True)
         local.close()
     print(json.dumps(result, indent=2))
 
