@@ -365,9 +365,10 @@ def _remap_for(request: pytest.FixtureRequest) -> RegistryRemap | None:
 if TYPE_CHECKING:
     from pytest_flightctl_device.service.connection import ServiceSettings
     from pytest_flightctl_device.service.enrolled import EnrolledDevice
+    from pytest_flightctl_device.service.lifecycle import Enrollment
 
 _SERVICE_KEY = pytest.StashKey["tuple[ServiceSettings | None, str | None]"]()
-_ENROLLED_KEY = pytest.StashKey["_Enrolled"]()
+_ENROLLED_KEY: pytest.StashKey[Enrollment] = pytest.StashKey()
 
 
 def _service(config: pytest.Config) -> tuple[ServiceSettings | None, str | None]:
@@ -408,87 +409,28 @@ def flightctl_api(request: pytest.FixtureRequest) -> Iterator[Any]:
         yield client
 
 
-class _Enrolled:
-    """What a failed enrolled test's report shows: the device's conditions and the agent's journal tail,
-    taken while the VM still runs (redacted like the console)."""
-
-    def __init__(self, vm: DeviceVM) -> None:
-        self.vm = vm
-        self.device: EnrolledDevice | None = None
-        self.taken: list[tuple[str, str]] | None = None
-
-    def take(self) -> None:
-        import contextlib
-
-        sections = []
-        if self.device is not None:
-            sections.append((f"flightctl-device {self.device.name} device conditions", self.device.conditions()))
-        journal = "(the agent's journal could not be read)"
-        with contextlib.suppress(Exception):
-            journal = self.vm.agent_journal(50) or "(empty)"
-        sections.append((f"flightctl-device {self.vm.name} agent journal (last 50 lines)", journal))
-        self.taken = sections
-
-    def sections(self) -> list[tuple[str, str]]:
-        if self.taken is None:
-            self.take()
-        return list(self.taken or [])
-
-
-def _test_id(request: pytest.FixtureRequest) -> str:
-    """A label value unique to this test and run (and valid as a label: 63 characters at most)."""
-    import hashlib
-
-    digest = hashlib.sha256(request.node.nodeid.encode("utf-8")).hexdigest()[:12]
-    return f"fcdev-{_run_id(request.config)}-{digest}"
-
-
 @pytest.fixture
 def enrolled_device(request: pytest.FixtureRequest, flightctl_api: Any,
                     device_vm_factory: DeviceVMFactory) -> Iterator[EnrolledDevice]:
     """A device booted, approved with a test-id label (plus the marker's labels=) and Online.
 
     Teardown stops the VM first, then deletes this test's Device (by its test-id label) and its
-    EnrollmentRequest (by name), nothing else.
+    EnrollmentRequest (by name), nothing else (service/lifecycle.py).
     """
-    from pytest_flightctl_device.service import enrolled
+    from pytest_flightctl_device.service.lifecycle import Enrollment, test_id
 
     settings = settings_of(request.config)
     marker = request.node.get_closest_marker("device")
-    node = request.node.nodeid
-    remap = _remap_for(request)
     wanted = _guarded(settings, lambda: device_vm_factory.request_from_marker(marker.args, marker.kwargs)
                       if marker else device_vm_factory.request())
-    test_id = _test_id(request)
-    vm = _guarded(settings, lambda: device_vm_factory.create(wanted, for_test=node, registry=remap))
-    holder = request.node.stash[_ENROLLED_KEY] = _Enrolled(vm)
-    name: str | None = None
+    lease = request.node.stash[_ENROLLED_KEY] = Enrollment(
+        device_vm_factory, flightctl_api, test_id(_run_id(request.config), request.node.nodeid))
     try:
-        name = _guarded(settings, lambda: vm.enrollment_id(timeout=vm.ready_timeout))
-        holder.device = _guarded(settings, lambda: enrolled.enroll(
-            vm, flightctl_api, dict(wanted.labels), test_id=test_id, timeout=vm.ready_timeout, name=name))
-    except BaseException:
-        holder.take()  # before the VM goes
-        _finish_enrolled(request, device_vm_factory, vm, flightctl_api, test_id, name, failed=True)
-        raise
-    yield holder.device
-    failed = any(report.failed for report in request.node.stash.get(_REPORTS_KEY, {}).values())
-    if failed and holder.taken is None:
-        holder.take()
-    _finish_enrolled(request, device_vm_factory, vm, flightctl_api, test_id, name, failed=failed)
-
-
-def _finish_enrolled(request: pytest.FixtureRequest, factory: DeviceVMFactory, vm: DeviceVM, client: Any,
-                     test_id: str, name: str | None, *, failed: bool) -> None:
-    """Stop the VM (or keep it), then remove this test's Device and ER; a kept VM keeps them too."""
-    from pytest_flightctl_device.service import enrolled
-
-    kept = factory.finish(vm, failed=failed)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if kept:
-        if reporter is not None:
-            reporter.write_line(f"flightctl-device: kept {vm.name} (device {name}, label "
-                                f"{enrolled.TEST_ID_LABEL}={test_id}) for {request.node.nodeid}; {kept}")
-        return
-    enrolled.cleanup(client, test_id, name)
+        yield _guarded(settings, lambda: lease.start(wanted, for_test=request.node.nodeid,
+                                                     registry=_remap_for(request)))
+        lease.finish(failed=any(report.failed for report in request.node.stash.get(_REPORTS_KEY, {}).values()))
+    finally:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if lease.kept and reporter is not None:
+            reporter.write_line(f"flightctl-device: kept {lease.kept} for {request.node.nodeid}")
 

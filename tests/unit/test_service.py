@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pytest_flightctl_device.errors import ConfigError, DeviceStateError, ServiceConnectionError
-from pytest_flightctl_device.service import connection, enrolled, waits
+from pytest_flightctl_device.service import connection, enrolled, lifecycle, waits
 from pytest_flightctl_device.settings import Settings
 from tests.support.flightctl_emulator import FlightctlEmulator
 from tests.support.flightctl_fake.pki import ScratchCA
@@ -176,6 +176,45 @@ def test_cleanup_deletes_only_this_tests_device_and_er(emu: FlightctlEmulator) -
                  "metadata": {"name": name, "labels": {"test-id": test_id}}}))
         assert enrolled.cleanup(client, "t-1", "no-such-er") == ["Device mine"]
         assert emu.device("mine") is None and emu.device("other") is not None
+
+
+def test_test_id_is_a_label_value_unique_per_test_and_run() -> None:
+    ids = {lifecycle.test_id(run, node) for run in ("r1", "r2") for node in ("t.py::a", "t.py::b")}
+    assert len(ids) == 4
+    assert all(len(value) <= 63 and value.replace("-", "").isalnum() for value in ids)
+
+
+class _Named:
+    name = "fcdev-vm"
+
+
+class _RecordingFactory:
+    """Records the order of the end: the VM must stop before the Device and ER are deleted."""
+
+    def __init__(self, emu: FlightctlEmulator, log: list[str]) -> None:
+        self.emu, self.log = emu, log
+
+    def finish(self, vm: Any, *, failed: bool) -> str | None:
+        self.log.append(f"vm stopped (device still there: {self.emu.device('mine') is not None})")
+        return "kept" if failed else None
+
+
+def test_enrollment_stops_the_vm_before_removing_the_device(emu: FlightctlEmulator) -> None:
+    from flightctl.api.device_api import DeviceApi
+    from flightctl.models.device import Device
+
+    log: list[str] = []
+    with connection.api_client(_service(emu)) as client:
+        DeviceApi(client).replace_device("mine", Device.from_dict(
+            {"apiVersion": "flightctl.io/v1beta1", "kind": "Device",
+             "metadata": {"name": "mine", "labels": {"test-id": "t-9"}}}))
+        lease = lifecycle.Enrollment(_RecordingFactory(emu, log), client, "t-9")  # type: ignore[arg-type]
+        lease.vm, lease.name, lease._sections = _Named(), "mine", []  # type: ignore[assignment]
+        lease.finish(failed=True)  # kept: its Device stays
+        assert emu.device("mine") is not None and lease.kept and "test-id=t-9" in lease.kept
+        lease.finish(failed=False)
+    assert log == ["vm stopped (device still there: True)"] * 2
+    assert emu.device("mine") is None
 
 
 # -- the wait rules -------------------------------------------------------------------------------------
