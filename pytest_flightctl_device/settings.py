@@ -283,6 +283,9 @@ KNOBS: tuple[Knob, ...] = (
          False, flag=True),
     Knob("max-vms", "Device VMs running at once across all runs sharing the workdir; more boots queue.",
          _positive_int, None, "from available memory and the VM size", metavar="N"),
+    Knob("fresh", "How each test's device is made fresh: boot (a cold boot) or snapshot (a clone of a "
+         "template booted once per worker and device shape, given its own identity; the marker's fresh=).",
+         _choice("boot", "snapshot"), "boot", metavar="boot|snapshot"),
     # -- the flightctl service: enrolled_device (the token only from FLIGHTCTL_TOKEN) ------------
     Knob("flightctl-api", "flightctl API URL for enrolled_device; the token comes from FLIGHTCTL_TOKEN.",
          _api_url, default_text="service.server of the client config", metavar="URL"),
@@ -374,6 +377,7 @@ class Settings:
     firmware: str = field(default_factory=_default("firmware"))
     prefetch: bool = field(default_factory=_default("prefetch"))
     max_vms: int | None = field(default_factory=_default("max_vms"))
+    fresh: str = field(default_factory=_default("fresh"))
     flightctl_api: str | None = field(default_factory=_default("flightctl_api"))
     flightctl_ca: Path | None = field(default_factory=_default("flightctl_ca"))
     flightctl_client_config: Path | None = field(default_factory=_default("flightctl_client_config"))

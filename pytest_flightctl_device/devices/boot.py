@@ -100,6 +100,8 @@ def last_line(text: str) -> str:
 class Boot:
     """Starts one device and keeps what runs it: its slot, domain, console and SSH client."""
 
+    genid = False  # a <genid/> in its domain (devices.template's templates set it)
+
     def __init__(self, ctx: BootContext, name: str, vm_dir: Path, request: VMRequest) -> None:
         self.ctx = ctx
         self.name = name
@@ -204,7 +206,8 @@ class Boot:
                 name=self.name, kvm=choice.kvm, memory_mib=self.request.memory_mib, vcpus=self.request.vcpus,
                 overlay=overlay, seed=seed, console=self.console_path, ssh_port=port, mac=self.mac,
                 isolated=ctx.isolated, firmware=ctx.firmware, owner=ctx.owner, run_id=ctx.run_id,
-                created=created, nvram=None if ctx.remote else self.dir / "VARS.fd", console_pty=ctx.remote)
+                created=created, nvram=None if ctx.remote else self.dir / "VARS.fd", console_pty=ctx.remote,
+                genid=self.genid)
 
         self.dom, self.spec = start_domain(ctx.conn, spec_for, ports_lock=ctx.ports_lock,
                                            base_image=ctx.base_image, autodestroy=not ctx.keep_vm,
@@ -271,6 +274,11 @@ class Boot:
                             f"last console lines:\n{self.console_tail()}") from None
 
     # -- what the handle reads -----------------------------------------------------------------------
+
+    @property
+    def domain_name(self) -> str:
+        """The libvirt domain it runs in (a clone runs in its template's)."""
+        return self.name
 
     def console_tail(self, lines: int = 50) -> str:
         return self.ctx.redact(self.console.tail(lines))

@@ -42,6 +42,7 @@ class DomainSpec:
     created: str
     keep: bool = False
     nvram: Path | None = None
+    genid: bool = False  # a VM generation ID (libvirt changes it on a snapshot revert)
     console_pty: bool = False  # a remote host: a pty read through libvirt's console stream, not `console`
 
 
@@ -94,6 +95,7 @@ def render(spec: DomainSpec) -> str:
   <metadata>{metadata}</metadata>
   <memory unit='MiB'>{spec.memory_mib}</memory>
   <vcpu>{spec.vcpus}</vcpu>
+  {'<genid/>' if spec.genid else ''}
   {_os(spec)}
   {features}
   {cpu}

@@ -28,6 +28,7 @@ from pytest_flightctl_device.devices.remap import RegistryRemap
 from pytest_flightctl_device.devices.request import VMRequest
 from pytest_flightctl_device.devices.slots import VMSlots, default_max_vms
 from pytest_flightctl_device.devices.ssh import KeyPair, generate_keypair
+from pytest_flightctl_device.devices.template import CloneBoot, TemplatePool
 from pytest_flightctl_device.devices.vm import DeviceVM
 from pytest_flightctl_device.errors import ConfigError
 from pytest_flightctl_device.settings import VARIANTS, Settings
@@ -42,6 +43,7 @@ class BootStats:
     times: list[float] = field(default_factory=list)
     accel: set[str] = field(default_factory=set)
     hosts: dict[str, int] = field(default_factory=dict)  # libvirt host -> devices booted there
+    fresh: dict[str, int] = field(default_factory=dict)  # --device-fresh snapshot: clone / fallback counts
 
     def add(self, seconds: float, accel: str, host: str = "local") -> None:
         self.times.append(seconds)
@@ -54,9 +56,12 @@ class BootStats:
         self.accel.update(data.get("accel", []))
         for host, count in dict(data.get("hosts", {})).items():
             self.hosts[host] = self.hosts.get(host, 0) + int(count)
+        for outcome, count in dict(data.get("fresh", {})).items():
+            self.fresh[outcome] = self.fresh.get(outcome, 0) + int(count)
 
     def as_data(self) -> dict[str, Any]:
-        return {"times": list(self.times), "accel": sorted(self.accel), "hosts": dict(self.hosts)}
+        return {"times": list(self.times), "accel": sorted(self.accel), "hosts": dict(self.hosts),
+                "fresh": dict(self.fresh)}
 
     def summary(self) -> str | None:
         if not self.times:
@@ -66,7 +71,13 @@ class BootStats:
         if set(self.hosts) - {"local"} or len(self.hosts) > 1:
             hosts = "; per libvirt host: " + ", ".join(f"{host} {count}" for host, count in sorted(self.hosts.items()))
         return (f"{len(times)} device VM(s) booted, ready after {times[0]:.1f}-{times[-1]:.1f} s; "
-                f"acceleration: {'; '.join(sorted(self.accel))}{hosts}")
+                f"acceleration: {'; '.join(sorted(self.accel))}{hosts}{self._fresh_summary()}")
+
+    def _fresh_summary(self) -> str:
+        if not self.fresh:
+            return ""
+        return (f"; snapshot clones: {self.fresh.get('clone', 0)}, abandoned for a cold boot: "
+                f"{self.fresh.get('fallback', 0)}")
 
 
 @dataclass
@@ -115,6 +126,7 @@ class DeviceVMFactory:
         self.slots = VMSlots(settings.workdir / ".slots",
                              settings.max_vms or default_max_vms(settings.memory_mib))
         self._spare: _Spare | None = None
+        self._templates: TemplatePool | None = None
 
     def check(self) -> None:
         """Fail fast (before any boot) when libvirt or qemu-img is missing."""
@@ -180,7 +192,7 @@ class DeviceVMFactory:
 
     def request(self, *, memory_mib: int | None = None, vcpus: int | None = None, variant: str = "base",
                 runcmd: Iterable[str] = (), boot_timeout: float | None = None,
-                labels: Mapping[str, str] | None = None) -> VMRequest:
+                labels: Mapping[str, str] | None = None, fresh: str | None = None) -> VMRequest:
         """Validate what a test asks for before anything boots."""
         if variant not in VARIANTS:
             raise ConfigError(f"device marker variant={variant!r} is unknown; "
@@ -192,10 +204,34 @@ class DeviceVMFactory:
                 isinstance(k, str) and k and isinstance(v, str) for k, v in labels.items())):
             raise ConfigError(f"device marker labels={labels!r} must map label names to strings, "
                               "such as labels={'site': 'lab'}.")
+        fresh = fresh or self.settings.fresh
+        self._check_fresh(fresh)
         return VMRequest(memory_mib=int(memory_mib or self.settings.memory_mib),
                          vcpus=int(vcpus or self.settings.vcpus), variant=variant,
                          runcmd=tuple(runcmd), boot_timeout=boot_timeout,
-                         labels=tuple(sorted((labels or {}).items())))
+                         labels=tuple(sorted((labels or {}).items())), fresh=fresh)
+
+    def _check_fresh(self, fresh: str) -> None:
+        """--device-fresh / fresh=: known, and snapshot only where templates work (see devices.template)."""
+        if fresh not in ("boot", "snapshot"):
+            raise ConfigError(f"device marker fresh={fresh!r} is unknown; use 'boot' or 'snapshot'.")
+        if fresh != "snapshot":
+            return
+        if self.settings.firmware == "uefi":
+            raise ConfigError("--device-fresh snapshot does not work with --device-firmware uefi (the writable "
+                              "UEFI vars cannot go into an internal snapshot); use --device-fresh boot or "
+                              "--device-firmware bios.")
+        if len(self.settings.libvirt_uri) > 1 or any(parse_uri(uri).remote for uri in self.settings.libvirt_uri):
+            raise ConfigError("--device-fresh snapshot works with one local --device-libvirt-uri only; "
+                              "use --device-fresh boot with a remote or several libvirt hosts.")
+
+    @property
+    def templates(self) -> TemplatePool:
+        """--device-fresh snapshot's templates of this process (made when first asked for)."""
+        if self._templates is None:
+            self._templates = TemplatePool(self.process_dir, lambda: self.slots.count, self.log,
+                                           self.settings.libvirt_uri[0])
+        return self._templates
 
     def request_from_marker(self, args: Sequence[object], kwargs: Mapping[str, Any]) -> VMRequest:
         """`@pytest.mark.device(...)`'s arguments: keywords named like VMRequest's fields only."""
@@ -237,6 +273,8 @@ class DeviceVMFactory:
                 self._made_for.setdefault(for_test, []).append(vm)
         self.vms.append(vm)
         self.stats.add(time.monotonic() - asked, boot.accel_reason, boot.host_label)
+        if isinstance(boot, CloneBoot) and boot.outcome:
+            self.stats.fresh[boot.outcome] = self.stats.fresh.get(boot.outcome, 0) + 1
         if self.settings.prefetch and request == self.request() and registry is None:
             self._start_spare(request)
         return vm
@@ -251,8 +289,10 @@ class DeviceVMFactory:
     def _new_boot(self, request: VMRequest, log: Callable[[str], None] | None = None,
                   registry: RegistryRemap | None = None) -> Boot:
         self._count += 1
-        return Boot(self.context(log, registry), f"{self.process_dir.name}-{self._count}",
-                    self.process_dir / str(self._count), request)
+        name, vm_dir = f"{self.process_dir.name}-{self._count}", self.process_dir / str(self._count)
+        if request.fresh == "snapshot":
+            return CloneBoot(self.context(log, registry), name, vm_dir, request, self.templates)
+        return Boot(self.context(log, registry), name, vm_dir, request)
 
     def _start_spare(self, request: VMRequest) -> None:
         """--device-prefetch: boot the next default device while the current test runs."""
@@ -305,7 +345,7 @@ class DeviceVMFactory:
         or released."""
         if failed and self.settings.keep_vm:
             command = vm.keep()
-            return f"log in with: {command}  (remove it with: virsh destroy {vm.name})"
+            return f"log in with: {command}  (remove it with: virsh destroy {vm.domain_name})"
         self.release(vm)
         return None
 
@@ -317,6 +357,8 @@ class DeviceVMFactory:
         for vm in list(self.vms):
             self.release(vm)
         self._made_for.clear()
+        if self._templates is not None:
+            self._templates.close()
         if self._hosts is not None:
             with contextlib.suppress(Exception):  # closing a dead connection is fine
                 self._hosts.close()

@@ -16,6 +16,13 @@ a `keep` file in its directory and keep='1' in its metadata.
 A live run's things, and kept VMs while their domain still exists, are never touched; a process
 directory without owner.json is left alone for ten minutes (its creator may be writing it).
 
+A --device-fresh snapshot template (devices.template) is labelled like any VM: directory
+`t<N>` in its process directory, domain `fcdev-<run>-<worker>-t<N>` (owner metadata;
+autodestroyed until its first revert, then destroyed by devices.reaper when its process dies).
+Its saved state is the internal snapshot inside its overlay, so it goes with the directory;
+libvirt's snapshot metadata of a transient domain goes with the domain. A kept clone keeps its
+template: the `keep` file in `t<N>`, keep='1' on the domain.
+
 On a remote libvirt host (`sweep_host()`), libvirt keeps the labels: the process's owner record
 is a volume `fcdev-<run>-<worker>.owner` in the plugin's pool (PID, start time and this
 machine's boot id, written before any other volume of that process), its overlays and seeds are
@@ -42,6 +49,7 @@ from pytest_flightctl_device.devices.ssh import control_path
 PREFIX = "fcdev-"  # process directories and domain names
 OWNER_FILE = "owner.json"
 KEEP_FILE = "keep"
+TEMPLATE_PREFIX = "t"  # a template's VM directory t<N>, its domain <process dir>-t<N>
 METADATA_NS = "https://github.com/flightctl/pytest-flightctl-device/owner/1"
 METADATA_KEY = "fcdev"
 # A process dir without owner.json is one whose creator died in its first instant.

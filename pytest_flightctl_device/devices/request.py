@@ -17,4 +17,5 @@ class VMRequest:
     variant: str = "base"
     runcmd: tuple[str, ...] = ()
     boot_timeout: float | None = None
+    fresh: str = "boot"  # boot: a cold boot; snapshot: a clone of a template (devices.template)
     labels: tuple[tuple[str, str], ...] = ()  # enrolled_device approves the device with these

@@ -48,6 +48,7 @@ class SeedSpec:
     files: tuple[AgentFile, ...]
     mac: str | None = None
     runcmd: tuple[str, ...] = ()
+    bootcmd: tuple[str, ...] = ()  # run early on every boot, before write_files (--device-fresh snapshot)
 
     def __post_init__(self) -> None:
         """Reject, before any rendering, every value that could not be written verbatim."""
@@ -79,13 +80,13 @@ class SeedSpec:
             if not 0 <= item.mode <= 0o7777:
                 raise ConfigError(f"seed file {item.path} has mode {item.mode:#o}, not a permission "
                                   "mode; give one such as 0o600.")
-        for command in self.runcmd:
+        for key, command in [("runcmd", c) for c in self.runcmd] + [("bootcmd", c) for c in self.bootcmd]:
             if not command.strip():
-                raise ConfigError("seed runcmd has an empty command; remove it.")
+                raise ConfigError(f"seed {key} has an empty command; remove it.")
             try:
                 command.encode("utf-8")
             except UnicodeEncodeError:
-                raise ConfigError("seed runcmd has a command that is not valid Unicode text (a lone "
+                raise ConfigError(f"seed {key} has a command that is not valid Unicode text (a lone "
                                   "surrogate); fix the command.") from None
 
 
@@ -169,6 +170,10 @@ def _user_data(spec: SeedSpec, *, redacted: bool) -> Iterator[str]:
         yield f"    permissions: '{item.mode:04o}'\n"
         yield "    encoding: b64\n"
         yield f"    content: {content}\n"
+    if spec.bootcmd:
+        yield "bootcmd:\n"
+    for command in spec.bootcmd:
+        yield f"  - [sh, -c, {_double_quoted(command)}]\n"
     if spec.runcmd:
         yield "runcmd:\n"
     for command in spec.runcmd:

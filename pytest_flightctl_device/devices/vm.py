@@ -21,7 +21,6 @@ BANNER_FILE = "/etc/issue.d/flightctl-banner.issue"
 ENROLL_ID = re.compile(r"/enroll/(\w+)")
 
 
-
 class DeviceVM:
     """A booted device: run commands, copy files, reboot, read the console."""
 
@@ -31,11 +30,29 @@ class DeviceVM:
         self.dir = boot.dir
         self.request: VMRequest = boot.request
         self.variant = boot.request.variant
-        self.overlay = boot.overlay
-        self.seed = boot.seed
-        self.console_path = boot.console_path
-        self.instance_id = boot.instance_id
         self.kept = False
+
+    # A clone (--device-fresh snapshot) learns these from its template only when it runs.
+    @property
+    def overlay(self) -> Path:
+        return self._boot.overlay
+
+    @property
+    def seed(self) -> Path:
+        return self._boot.seed
+
+    @property
+    def console_path(self) -> Path:
+        return self._boot.console_path
+
+    @property
+    def instance_id(self) -> str:
+        return self._boot.instance_id
+
+    @property
+    def domain_name(self) -> str:
+        """Its libvirt domain: its name, or for a clone its template's (virsh destroy NAME)."""
+        return self._boot.domain_name
 
     @property
     def ssh_port(self) -> int:

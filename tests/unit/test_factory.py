@@ -27,7 +27,7 @@ def test_marker_arguments_are_vmrequests_fields(tmp_path: Path) -> None:
     assert made.request_from_marker((), {"variant": "v2", "runcmd": ["true"]}) == VMRequest(
         memory_mib=512, vcpus=2, variant="v2", runcmd=("true",))
     with pytest.raises(ConfigError, match=r"unexpected arguments \['memory'\]; use keyword arguments from "
-                                          r"memory_mib, vcpus, variant, runcmd, boot_timeout, labels\."):
+                                          r"memory_mib, vcpus, variant, runcmd, boot_timeout, fresh, labels\."):
         made.request_from_marker((), {"memory": 512})
     assert made.request_from_marker((), {"labels": {"site": "lab", "a": "b"}}).labels == (("a", "b"), ("site", "lab"))
     with pytest.raises(ConfigError, match=r"labels=\{'site': 1\} must map label names to strings"):

@@ -1,0 +1,426 @@
+"""--device-fresh snapshot: a template booted once per device shape, and clones reverted from it.
+
+Measured here (libvirt 9.0, qemu 7.2, TCG), which decided the design:
+  - restoring a saved domain (virDomainSave/RestoreFlags) into a new domain is refused unless the
+    new XML keeps the saved domain's name and UUID ("Target domain name ... does not match
+    source"), so at most one domain per saved image can run on a host anyway, and a restored
+    domain cannot be started with VIR_DOMAIN_START_AUTODESTROY (a kill -9 would leave it running);
+  - an internal snapshot (memory + disk, in the template's qcow2 overlay) of the running transient
+    domain takes 0.1-0.5 s and a revert 1.6-3 s; the domain stays the autodestroyed one it was,
+    libvirt gives it a new <genid/> on every revert, and the guest clock is not reverted.
+So a clone is the template's domain reverted in place: one clone of a template at a time; a
+worker that needs two at once (--device-prefetch's spare) gets a second template of that shape.
+
+A template is a cold boot (boot.Boot) whose seed also holds the agent back (identity.py), then
+the snapshot. A clone (CloneBoot) takes a free template of its shape from the factory's pool,
+reverts it unless it is the template's first clone (the snapshot state is still what runs), and
+makes it a new device (identity.py) before it is handed out. A revert that fails, takes longer
+than REVERT_S, or does not take (the previous clone's marker survived), and a clone not ready
+within CLONE_READY_S, are abandoned: the template is destroyed, this device is cold-booted
+instead, and the pool counts it (the terminal summary says how many).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_flightctl_device.devices import janitor
+from pytest_flightctl_device.devices.accel import TCG_TIMEOUT_FACTOR
+from pytest_flightctl_device.devices.boot import LOGIN_USER, Boot, BootContext
+from pytest_flightctl_device.devices.console import ConsoleLog
+from pytest_flightctl_device.devices.domain import mark_kept
+from pytest_flightctl_device.devices.identity import (
+    ENTROPY_BYTES,
+    REVERT_DID_NOT_TAKE,
+    agent_held_check,
+    hold_agent_bootcmd,
+    identity_script,
+)
+from pytest_flightctl_device.devices.readiness import (
+    Cancelled,
+    Failed,
+    HostForwards,
+    Readiness,
+    SshBanner,
+    SshLogin,
+    StillRunning,
+    TimedOut,
+)
+from pytest_flightctl_device.devices.reaper import Reaper
+from pytest_flightctl_device.devices.seed import SeedSpec
+from pytest_flightctl_device.devices.ssh import SshClient
+from pytest_flightctl_device.errors import BootError
+
+if TYPE_CHECKING:
+    from pytest_flightctl_device.devices.remap import RegistryRemap
+    from pytest_flightctl_device.devices.request import VMRequest
+
+SNAPSHOT = "fcdev-pristine"
+SNAPSHOT_S = 60.0  # taking the template's snapshot (0.1-0.5 s measured)
+REVERT_S = 20.0  # a revert slower than this is abandoned (1.6-3 s measured under TCG on a busy host)
+CLONE_READY_S = 30.0  # from the revert to SSH, forwards and identity done (x4 under TCG)
+
+
+class CloneFailed(Exception):
+    """This clone cannot be used; the device is cold-booted instead."""
+
+
+def template_key(request: VMRequest, ctx: BootContext) -> str:
+    """What makes two templates differ: everything that changes the seed or the domain.
+
+    The base image, memory, vcpus, firmware, the agent's files, the test's runcmd, the registry
+    remap and the host forwards; not the boot timeout (nor `fresh`, which is why we are here).
+    """
+    remap: RegistryRemap | None = ctx.registry
+    parts = [str(ctx.base_image), request.memory_mib, request.vcpus, request.variant, request.runcmd,
+             ctx.firmware, ctx.isolated, ctx.host_forward,
+             [(f.path, f.mode, f.owner, hashlib.sha256(f.content).hexdigest()) for f in ctx.agent.files],
+             [(f.path, hashlib.sha256(f.content).hexdigest()) for f in remap.files()] if remap else None,
+             remap.runcmd() if remap else None,
+             getattr(request, "labels", ())]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+class TemplateBoot(Boot):
+    """A cold boot whose seed keeps the agent from starting; then the snapshot."""
+
+    # No <genid/>: with one, libvirt 9.0 reverts by starting a new qemu (to hand it the new ID), and
+    # that qemu is not autodestroyed with our connection (a kill -9 left it running; measured).
+    # The CRNG reseed comes from identity.py instead (host entropy + RNDRESEEDCRNG).
+    genid = False
+
+    def make_seed_spec(self) -> SeedSpec:
+        spec = super().make_seed_spec()
+        return dataclasses.replace(spec, bootcmd=(hold_agent_bootcmd(), *spec.bootcmd))
+
+    def snapshot(self) -> None:
+        """Check the agent was held, close our SSH master (no half-open TCP in the memory image),
+        and take the internal memory + disk snapshot, bounded by SNAPSHOT_S."""
+        assert self.ssh is not None
+        held = self.ssh.run(agent_held_check(), check=False, timeout=60)
+        if not held.ok:
+            raise BootError(f"device template {self.name}: the agent's unit was not held back during the "
+                            "template boot (it must not start before the snapshot); use --device-fresh boot.")
+        self.ssh.close()
+        dom = self.dom
+        _bounded(lambda: dom.snapshotCreateXML(
+            f"<domainsnapshot><name>{SNAPSHOT}</name></domainsnapshot>", 0), SNAPSHOT_S,
+            lambda: self._stop_domain(), f"taking the snapshot of template {self.name}")
+
+
+@dataclasses.dataclass
+class Template:
+    """A running template domain, its snapshot, and how many clones it has served."""
+
+    key: str
+    boot: TemplateBoot
+    clones: int = 0
+    last_used: float = 0.0
+
+    def revert(self) -> None:
+        import libvirt
+
+        dom = self.boot.dom
+        _bounded(lambda: dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT, 0),
+                                              libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING), REVERT_S,
+                 lambda: self.boot._stop_domain(), f"reverting template {self.boot.name}")
+
+
+def _bounded(call: Callable[[], Any], seconds: float, abandon: Callable[[], None], what: str) -> None:
+    """Run a blocking libvirt call with a deadline: past it, `abandon` (destroy the domain, which
+    ends the call) and raise CloneFailed. libvirt-python drops the GIL while it waits."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the waiting thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="fcdev-bounded", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        abandon()
+        thread.join(10.0)
+        raise CloneFailed(f"{what} took longer than {seconds:.0f} s")
+    if errors:
+        raise CloneFailed(f"{what} failed: {_first_line(errors[0])}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.get_error_message() if hasattr(exc, "get_error_message") else str(exc)
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), type(exc).__name__)
+
+
+class TemplatePool:
+    """One process's templates, by key: free ones wait for their next clone; busy ones serve one."""
+
+    def __init__(self, process_dir: Path, capacity: Callable[[], int], log: Callable[[str], None],
+                 uri: str) -> None:
+        self.process_dir = process_dir
+        self.uri = uri
+        self._reaper: Reaper | None = None
+        self.capacity = capacity  # VMs this process may run at once (--device-max-vms)
+        self.log = log
+        self._lock = threading.Lock()
+        self._free: list[Template] = []
+        self._busy: list[Template] = []
+        self._count = 0
+        self.clones = 0  # devices handed out as clones
+        self.fallbacks = 0  # clones abandoned for a cold boot
+        self.template_seconds: list[float] = []  # each template's boot + snapshot
+
+    def take(self, key: str, ctx: BootContext, request: VMRequest, cancelled: threading.Event) -> Template:
+        """A free template of `key`, else a new one booted now (evicting idle ones to make room)."""
+        with self._lock:
+            for template in sorted(self._free, key=lambda t: -t.last_used):
+                if template.key == key:
+                    self._free.remove(template)
+                    self._busy.append(template)
+                    return template
+            self._count += 1
+            number = self._count
+            evict = self._evictable()
+        for template in evict:
+            self.log(f"device template {template.boot.name} stopped to make room (--device-max-vms)")
+            self._stop(template.boot)
+        name = f"{self.process_dir.name}-{janitor.TEMPLATE_PREFIX}{number}"
+        boot = TemplateBoot(ctx, name, self.process_dir / f"{janitor.TEMPLATE_PREFIX}{number}", request)
+        boot.cancelled = cancelled
+        started = time.monotonic()
+        try:
+            boot.run()
+            self._watch(name)  # from its first revert on, a kill -9 no longer autodestroys it
+            boot.snapshot()
+        except CloneFailed as exc:
+            self._stop(boot)
+            raise BootError(f"device template {name}: {exc}") from None
+        except BaseException:
+            self._stop(boot)
+            raise
+        self.template_seconds.append(time.monotonic() - started)
+        template = Template(key, boot)
+        with self._lock:
+            self._busy.append(template)
+        return template
+
+    def _watch(self, name: str) -> None:
+        with self._lock:
+            if self._reaper is None:
+                self._reaper = Reaper(self.uri)
+            self._reaper.watch(name)
+
+    def _stop(self, boot: TemplateBoot) -> None:
+        boot.stop()
+        if self._reaper is not None:
+            self._reaper.forget(boot.name)
+
+    def _evictable(self) -> list[Template]:
+        """Idle templates (least recently used first) to stop so that one more VM fits."""
+        running = len(self._free) + len(self._busy)
+        evict: list[Template] = []
+        for template in sorted(self._free, key=lambda t: t.last_used):
+            if running < self.capacity():
+                break
+            self._free.remove(template)
+            evict.append(template)
+            running -= 1
+        return evict
+
+    def give_back(self, template: Template) -> None:
+        """A clone is done: the template waits for its next clone (a dead one is dropped)."""
+        with self._lock:
+            if template in self._busy:
+                self._busy.remove(template)
+            alive = template.boot.is_active()
+            if alive:
+                template.last_used = time.monotonic()
+                self._free.append(template)
+        if not alive:
+            self._stop(template.boot)
+
+    def discard(self, template: Template) -> None:
+        """A template that failed a clone: destroyed, its files removed, its slot freed."""
+        with self._lock:
+            for group in (self._free, self._busy):
+                if template in group:
+                    group.remove(template)
+        self._stop(template.boot)
+
+    def detach(self, template: Template) -> None:
+        """A kept clone takes its template out of the pool for good (--device-keep-vm)."""
+        with self._lock:
+            for group in (self._free, self._busy):
+                if template in group:
+                    group.remove(template)
+        if self._reaper is not None:
+            self._reaper.forget(template.boot.name)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [t.boot.name for t in self._free + self._busy]
+
+    def close(self) -> None:
+        with self._lock:
+            templates, self._free, self._busy = self._free + self._busy, [], []
+        for template in templates:
+            self._stop(template.boot)
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.close()
+
+
+class ConsoleView(ConsoleLog):
+    """The template's console file from the clone's start: what this clone printed, nothing before."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.refresh()
+        self._text = ""
+
+
+class CloneBoot(Boot):
+    """A device cloned from a template (or, when the clone is abandoned, cold-booted as usual)."""
+
+    def __init__(self, ctx: BootContext, name: str, vm_dir: Path, request: VMRequest,
+                 pool: TemplatePool) -> None:
+        super().__init__(ctx, name, vm_dir, request)
+        self.pool = pool
+        self.template: Template | None = None
+        self.outcome = ""  # "clone", or "fallback" (cold-booted after an abandoned clone)
+        self._domain = name  # the libvirt domain it runs in: its template's once it is a clone
+
+    def run(self) -> None:
+        started = time.monotonic()
+        key = template_key(self.request, self.ctx)
+        template = self.pool.take(key, self.ctx, self.request, self.cancelled)
+        try:
+            self._clone(template, started)
+        except CloneFailed as exc:
+            self.pool.discard(template)
+            self._reset()
+            with self.pool._lock:
+                self.pool.fallbacks += 1
+            self.ctx.log(f"device VM {self.name}: the clone of template {template.boot.name} was abandoned "
+                         f"({exc}); cold-booting it instead")
+            self.outcome = "fallback"
+            super().run()
+            return
+        except BaseException:
+            self.pool.discard(template)
+            self._reset()
+            raise
+        self.template = template
+        self._domain = template.boot.name
+        self.outcome = "clone"
+        with self.pool._lock:
+            self.pool.clones += 1
+
+    def _reset(self) -> None:
+        """Forget the template's domain and SSH before a cold boot reuses this object."""
+        if self.ssh is not None:
+            self.ssh.close()
+        self.ssh, self.dom, self.spec, self.seed_spec = None, None, None, None
+        self.overlay, self.seed = self.dir / "overlay.qcow2", self.dir / "seed.iso"
+        self.console_path = self.dir / "console.log"
+        self.console = ConsoleLog(self.console_path)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _clone(self, template: Template, started: float) -> None:
+        tboot = template.boot
+        if template.clones > 0:
+            template.revert()
+        template.clones += 1
+        self.dir.mkdir(mode=0o711)
+        os.chmod(self.dir, 0o711)  # noqa: S103 - like every VM directory
+        self.dom, self.spec, self.seed_spec = tboot.dom, tboot.spec, tboot.seed_spec
+        self.ssh_port, self.accel, self.accel_reason = tboot.ssh_port, tboot.accel, tboot.accel_reason
+        self.instance_id = tboot.instance_id  # its final_message marks a clone's reboot too
+        self.overlay, self.seed, self.console_path = tboot.overlay, tboot.seed, tboot.console_path
+        self.console = ConsoleView(tboot.console_path)
+        self.ssh = SshClient(port=self.ssh_port, key=self.ctx.keypair.private_path, user=LOGIN_USER,
+                             state_dir=self.dir)
+        factor = TCG_TIMEOUT_FACTOR if self.accel == "tcg" else 1.0
+        self._wait_clone(time.monotonic() + CLONE_READY_S * factor)
+        self.ready_at = time.monotonic()
+        self.seconds = self.ready_at - started
+
+    def _wait_clone(self, deadline: float) -> None:
+        ssh = self.ssh
+        assert ssh is not None
+        readiness = Readiness(
+            steps=[SshBanner(self.ssh_port, patience=3.0),
+                   SshLogin(lambda: ssh.run("true", check=False, timeout=30).ok),
+                   HostForwards(self.ctx.host_forward, ssh.forward_remote),
+                   _Identity(ssh, self.name)],
+            guards=[StillRunning(self.is_active)], cancelled=self.cancelled)
+        try:
+            readiness.wait(deadline)
+        except Cancelled:
+            raise BootError(f"device VM {self.name}: the boot was cancelled.") from None
+        except TimedOut as exc:
+            raise CloneFailed(f"not ready in time ({exc.reason})") from None
+        except Failed as exc:
+            raise CloneFailed(exc.reason) from None
+
+    def stop(self) -> None:
+        template, self.template = self.template, None
+        if template is None:
+            super().stop()
+            return
+        try:
+            if self.ssh is not None:
+                self.ssh.close()
+        finally:
+            self.dom = None
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.pool.give_back(template)
+
+    def keep(self) -> None:
+        """A kept clone keeps its template's domain and directory (the janitor spares both)."""
+        template = self.template
+        if template is None:
+            super().keep()
+            return
+        self.pool.detach(template)
+        self.template = None  # stop() must not give it back
+        tboot = template.boot
+        (tboot.dir / janitor.KEEP_FILE).touch()
+        if tboot.dom is not None and tboot.spec is not None:
+            mark_kept(tboot.dom, tboot.spec)
+
+    @property
+    def domain_name(self) -> str:
+        return self._domain
+
+
+@dataclasses.dataclass
+class _Identity:
+    """The clone's identity (identity.py), with host entropy on stdin; fails when the revert did not take."""
+
+    ssh: SshClient
+    hostname: str
+    name: str = "clone identity"
+
+    def poll(self) -> bool:
+        result = self.ssh.run(identity_script(hostname=self.hostname, epoch=time.time()), check=False,
+                              timeout=60, input_bytes=secrets.token_bytes(ENTROPY_BYTES))
+        if result.exit_code == REVERT_DID_NOT_TAKE:
+            raise Failed(f"the revert did not take ({result.stderr.strip()})")
+        if not result.ok:
+            raise Failed(f"its identity could not be set (exit {result.exit_code}: "
+                         f"{result.stderr.strip().splitlines()[-1:] or 'no output'})")
+        return True
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,245 @@
+"""--device-fresh snapshot: clones of a template, each a new device; abandoned clones; kill -9; keep."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_flightctl_device.devices import janitor
+from pytest_flightctl_device.devices.domain import open_libvirt
+from pytest_flightctl_device.devices.template import SNAPSHOT
+from pytest_flightctl_device.settings import Settings
+from tests.integration.conftest import FactoryMaker
+
+pytest_plugins = ["pytester"]
+
+
+def _domains(uri: str) -> set[str]:
+    conn = open_libvirt(uri)
+    try:
+        return {dom.name() for dom in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+def _skew(vm_run: object) -> float:
+    """Guest clock minus host clock, in seconds (the host's taken around the command)."""
+    before = time.time()
+    text = vm_run("date +%s.%N").stdout.strip()  # type: ignore[operator]
+    guest = float(text.split(".")[0]) + 0.5 if "N" in text else float(text)  # busybox: no %N
+    after = time.time()
+    return guest - (before + after) / 2
+
+
+def test_tiny_clones_are_fresh_and_an_abandoned_revert_is_cold_booted(make_factory: FactoryMaker,
+                                                                        tiny_guest: Path) -> None:
+    factory = make_factory(tiny_guest, memory_mib=256, vcpus=1, boot_timeout=60.0, fresh="snapshot", max_vms=4)
+    first = factory.create()
+    assert first.domain_name.endswith(f"-{janitor.TEMPLATE_PREFIX}1") and first.name != first.domain_name
+    assert first.run("hostname").stdout.strip() == first.name
+    first.run("sudo touch /root/written-by-first")
+    factory.release(first)
+
+    second = factory.create()
+    assert second.domain_name == first.domain_name  # the same template, reverted
+    assert second.run("hostname").stdout.strip() == second.name != first.name
+    assert not second.run("ls /root/written-by-first", check=False).ok
+    assert abs(_skew(second.run)) < 2.0
+    assert "fcdev-ready" not in second.console_text()  # its own console: nothing from the template boot
+    second.reboot()  # a clone reboots like any device
+    assert second.run("cat /var/lib/fcdev-clone").stdout.strip() == second.name
+    factory.release(second)
+
+    # A revert that cannot work (its snapshot is gone) is abandoned: template destroyed, cold boot.
+    template = factory.templates._free[0]
+    template.boot.dom.snapshotLookupByName(SNAPSHOT, 0).delete(0)
+    third = factory.create()
+    assert third.domain_name == third.name  # cold-booted as itself
+    assert third.run("hostname").stdout.strip() == third.name
+    assert template.boot.name not in _domains(factory.settings.libvirt_uri[0])
+    assert not template.boot.dir.exists()
+    assert factory.stats.fresh == {"clone": 2, "fallback": 1}
+    summary = factory.stats.summary()
+    assert summary is not None and "snapshot clones: 2, abandoned for a cold boot: 1" in summary
+    factory.release(third)
+
+    # A template of another shape is its own; a revert slower than REVERT_S is abandoned too.
+    other = factory.create(memory_mib=300)
+    assert other.domain_name != template.boot.name and "307200" in other.domain_xml()
+    factory.release(other)
+    from pytest_flightctl_device.devices import template as template_module
+
+    old = template_module.REVERT_S
+    template_module.REVERT_S = 0.001
+    try:
+        fallback = factory.create(memory_mib=300)
+    finally:
+        template_module.REVERT_S = old
+    assert fallback.domain_name == fallback.name and factory.stats.fresh["fallback"] == 2
+    assert fallback.run("true").ok
+    factory.release(fallback)
+    assert factory.templates.running() == []
+
+
+CHILD = textwrap.dedent("""
+    import dataclasses, sys, time
+    from pathlib import Path
+    from pytest_flightctl_device.devices.agent import throwaway_agent_config
+    from pytest_flightctl_device.settings import Settings
+    from pytest_flightctl_device.devices.factory import DeviceVMFactory
+
+    settings = dataclasses.replace(Settings.resolve({}, {}, {}),
+        network="isolated", memory_mib=256, vcpus=1, libvirt_uri=(sys.argv[3],), workdir=Path(sys.argv[4]),
+        cache_dir=Path(sys.argv[5]), fresh="snapshot", max_vms=4)
+    factory = DeviceVMFactory(settings, base_image=Path(sys.argv[1]), agent=throwaway_agent_config(),
+                              run_id=sys.argv[2], worker="k")
+    one = factory.create()
+    factory.release(one)
+    two, three = factory.create(), factory.create()  # a reverted clone of t1 and the first of t2
+    print(factory.process_dir, *factory.templates.running(), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_kill_9_with_templates_and_clones_running_leaves_nothing(device_settings: Settings,
+                                                                 tiny_guest: Path) -> None:
+    uri = device_settings.libvirt_uri[0]
+    workdir = device_settings.workdir
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_guest), secrets.token_hex(4), uri,
+                              str(workdir), str(device_settings.cache_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().split()
+        assert len(line) == 3, "the child process did not make its clones"
+        process_dir, templates = Path(line[0]), line[1:]
+        assert set(templates) <= _domains(uri)
+        assert all((process_dir / name.rsplit("-", 1)[1]).is_dir() for name in templates)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    deadline = time.monotonic() + 2.0
+    while set(templates) & _domains(uri) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(templates) & _domains(uri), "a killed run's template outlived it by 2 s"
+    conn = open_libvirt(uri)
+    try:
+        janitor.sweep(conn, workdir)
+    finally:
+        conn.close()
+    assert not process_dir.exists()
+
+
+def test_keep_vm_keeps_a_failed_clone_and_its_template(pytester: pytest.Pytester, tiny_guest: Path,
+                                                        device_settings: Settings) -> None:
+    pytester.makepyfile("""
+        def test_fails(device_vm):
+            assert device_vm.domain_name != device_vm.name
+            assert False, "look at me"
+
+        def test_passes(device_vm):
+            assert device_vm.run("hostname").stdout.strip() == device_vm.name
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--device-qcow2={tiny_guest}", "--device-network", "isolated",
+        "--device-memory-mib", "256", "--device-vcpus", "1", "--device-fresh", "snapshot", "--device-keep-vm")
+    result.assert_outcomes(passed=1, failed=1)
+    text = result.stdout.str()
+    assert "console (last 50 lines)" in text and "domain XML" in text and "user-data (secrets redacted)" in text
+    kept = re.search(r"remove it with: virsh destroy (\S+)\)", text)
+    assert kept, "no kept clone was reported"
+    name = kept.group(1)
+    assert name.endswith("-t1")
+    uri = device_settings.libvirt_uri[0]
+    try:
+        assert name in _domains(uri)  # the kept clone's template outlives the session
+        assert name.replace("-t1", "-t2") not in _domains(uri)  # the next test's template did not
+        result.stdout.fnmatch_lines(["*snapshot clones: 2, abandoned for a cold boot: 0*"])
+    finally:
+        conn = open_libvirt(uri)
+        try:
+            conn.lookupByName(name).destroy()
+        finally:
+            conn.close()
+
+
+# -- the Debian guest: ten device tests in a row, then with -n 2 ----------------------------------
+
+INNER = """
+    import json, os, pathlib, re, time
+    import pytest
+
+    OUT = pathlib.Path({out!r})
+
+    def wait(vm, command, what):
+        deadline = time.monotonic() + 120
+        while True:
+            result = vm.run(command, check=False)
+            if result.ok and result.stdout.strip():
+                return result.stdout.strip()
+            assert time.monotonic() < deadline, f"no {{what}} within 120 s: {{result.stderr}}"
+            time.sleep(0.5)
+
+    @pytest.mark.parametrize("n", range(10))
+    def test_fresh(device_vm, n):
+        earlier = device_vm.run("ls /var/lib/fcdev-test-earlier 2>/dev/null | wc -l").stdout.strip()
+        before = time.time()
+        clock = float(device_vm.run("date +%s.%N").stdout)
+        skew = clock - (before + time.time()) / 2
+        random = device_vm.run("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\\\n'").stdout
+        key = wait(device_vm, "sudo sha256sum /var/lib/flightctl/certs/agent.key | cut -c1-64", "agent key")
+        banner = wait(device_vm, "cat /etc/issue.d/flightctl-banner.issue", "enrollment banner")
+        name = re.search(r"/enroll/(\\w+)", banner).group(1)
+        record = dict(n=n, vm=device_vm.name, domain=device_vm.domain_name, earlier=int(earlier), skew=skew,
+                      random=random, key=key, device=name, hostname=device_vm.run("hostname").stdout.strip(),
+                      machine_id=device_vm.run("cat /etc/machine-id").stdout.strip())
+        if n == {reboot}:
+            device_vm.reboot()
+            record["after_reboot"] = device_vm.run("hostname").stdout.strip()
+        device_vm.run(f"sudo mkdir -p /var/lib/fcdev-test-earlier && sudo touch /var/lib/fcdev-test-earlier/{{n}}")
+        (OUT / f"{{n}}.json").write_text(json.dumps(record))
+"""
+
+
+def _ten_fresh_devices(pytester: pytest.Pytester, debian_guest: Path, tmp_path: Path, *extra: str,
+                       reboot: int) -> list[dict[str, object]]:
+    out = tmp_path / "records"
+    out.mkdir()
+    pytester.makepyfile(textwrap.dedent(INNER.format(out=str(out), reboot=reboot)))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--device-qcow2={debian_guest}",
+                                           "--device-network", "isolated", "--device-memory-mib", "1024",
+                                           "--device-fresh", "snapshot", *extra)
+    result.assert_outcomes(passed=10)
+    result.stdout.fnmatch_lines(["*snapshot clones: 10, abandoned for a cold boot: 0*"])
+    records = [json.loads((out / f"{n}.json").read_text()) for n in range(10)]
+    for field in ("vm", "random", "key", "device", "hostname", "machine_id"):
+        values = [record[field] for record in records]
+        assert len(set(values)) == 10, f"{field} repeats across the ten devices: {values}"
+    for record in records:
+        assert record["earlier"] == 0, f"test {record['n']} saw files an earlier test wrote"
+        assert abs(float(record["skew"])) < 2.0, f"test {record['n']}: clock off by {record['skew']:.1f} s"
+        assert record["hostname"] == record["vm"] and record["domain"] != record["vm"]
+    return records
+
+
+def test_ten_debian_devices_in_a_row_are_each_new(pytester: pytest.Pytester, debian_guest: Path,
+                                                   tmp_path: Path) -> None:
+    records = _ten_fresh_devices(pytester, debian_guest, tmp_path, reboot=4)
+    assert len({record["domain"] for record in records}) == 1  # one template served them all
+    rebooted = records[4]
+    assert rebooted["after_reboot"] == rebooted["vm"]  # a clone's reboot keeps its identity
+
+
+def test_ten_debian_devices_with_two_workers_are_each_new(pytester: pytest.Pytester, debian_guest: Path,
+                                                          tmp_path: Path) -> None:
+    records = _ten_fresh_devices(pytester, debian_guest, tmp_path, "-n", "2", reboot=-1)
+    assert len({record["domain"] for record in records}) == 2  # one template per worker
