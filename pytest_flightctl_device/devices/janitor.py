@@ -143,24 +143,31 @@ def sweep_files(workdir: Path, present_domains: set[str]) -> list[Path]:
         return removed
     sweep_temps(workdir)
     for process_dir in workdir.glob(PREFIX + "*"):
-        if not process_dir.is_dir():
+        try:
+            _sweep_process_dir(process_dir, present_domains, removed)
+        except FileNotFoundError:  # another sweeper (an xdist worker, another run) removed it first
             continue
-        owner = read_owner(process_dir)
-        if owner is None:
-            if time.time() - process_dir.stat().st_mtime < _ORPHAN_GRACE_S:
-                continue
-        elif owner.alive():
-            continue
-        for vm_dir in [p for p in process_dir.iterdir() if p.is_dir()]:
-            name = f"{process_dir.name}-{vm_dir.name}"
-            if (vm_dir / KEEP_FILE).exists() and name in present_domains:
-                continue
-            _remove_vm_dir(vm_dir)
-            removed.append(vm_dir)
-        if not any(p.is_dir() for p in process_dir.iterdir()):
-            shutil.rmtree(process_dir, ignore_errors=True)
-            removed.append(process_dir)
     return removed
+
+
+def _sweep_process_dir(process_dir: Path, present_domains: set[str], removed: list[Path]) -> None:
+    if not process_dir.is_dir():
+        return
+    owner = read_owner(process_dir)
+    if owner is None:
+        if time.time() - process_dir.stat().st_mtime < _ORPHAN_GRACE_S:
+            return
+    elif owner.alive():
+        return
+    for vm_dir in [p for p in process_dir.iterdir() if p.is_dir()]:
+        name = f"{process_dir.name}-{vm_dir.name}"
+        if (vm_dir / KEEP_FILE).exists() and name in present_domains:
+            continue
+        _remove_vm_dir(vm_dir)
+        removed.append(vm_dir)
+    if not any(p.is_dir() for p in process_dir.iterdir()):
+        shutil.rmtree(process_dir, ignore_errors=True)
+        removed.append(process_dir)
 
 
 def sweep(conn: Any, workdir: Path) -> Swept:
