@@ -67,17 +67,12 @@ class VMSlots:
 
     def acquire(self, timeout: float, on_wait: Callable[[str], None] | None = None,
                 cancelled: threading.Event | None = None) -> Slot:
-        self.directory.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         told = False
         while True:
-            for index in range(self.count):
-                lock = FileLock(str(self.directory / f"slot-{index}.lock"))
-                try:
-                    lock.acquire(timeout=0)
-                except Timeout:
-                    continue
-                return Slot(lock)
+            slot = self.try_acquire()
+            if slot is not None:
+                return slot
             if not told and on_wait is not None:
                 on_wait(f"all {self.count} device VM slots are busy (--device-max-vms); waiting for one")
                 told = True
