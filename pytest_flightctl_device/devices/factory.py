@@ -230,7 +230,7 @@ class DeviceVMFactory:
         """--device-fresh snapshot's templates of this process (made when first asked for)."""
         if self._templates is None:
             self._templates = TemplatePool(self.process_dir, lambda: self.slots.count, self.log,
-                                           self.settings.libvirt_uri[0])
+                                           self.settings.libvirt_uri[0], slots=self.slots)
         return self._templates
 
     def request_from_marker(self, args: Sequence[object], kwargs: Mapping[str, Any]) -> VMRequest:

@@ -270,8 +270,16 @@ class Hosts:
         if len(self.hosts) == 1:  # one host: its slots' own wait, as before there were several
             host = self.primary()
             return host, host.slots.acquire(timeout, on_wait, cancelled)
+        with contextlib.ExitStack() as waiting:
+            return self._place(memory_mib, timeout, on_wait, cancelled, waiting)
+
+    def _place(self, memory_mib: int, timeout: float, on_wait: Callable[[str], None] | None,
+               cancelled: threading.Event | None, waiting: contextlib.ExitStack) -> tuple[Host, Slot]:
+        """Try every host until one has room; once all were full, the local ones hear that we wait
+        (VMSlots.announce: idle templates there give their slots up)."""
         deadline = time.monotonic() + timeout
         told = False
+        announced = False
         while True:
             hosts = self.reachable()
             if not hosts:
@@ -284,6 +292,11 @@ class Hosts:
                     slot.release()
                     continue
                 return host, slot
+            if not announced:
+                for host in hosts:
+                    if not host.remote:
+                        waiting.enter_context(host.slots.announce())
+                announced = True
             if not told and on_wait is not None:
                 shares = ", ".join(f"{h.label} {h.slots.count}" for h in hosts)
                 on_wait(f"every libvirt host is full (--device-max-vms per host: {shares}); waiting for room")

@@ -3,23 +3,34 @@
 A small CI runner must queue boots instead of swapping or failing: each running VM holds one of
 N slot locks under the workdir; a boot that finds none free waits for one. The default N comes
 from the memory the host has available and the size of a VM.
+
+A slot can be held by a VM nobody uses right now (an idle --device-fresh snapshot template). So a
+boot that has to wait announces it: a file `waiting-*` in the slots directory holding its writer's
+Owner token, there while it waits. Whoever holds idle VMs polls waiters() and gives one up; a dead
+waiter's file (kill -9) is judged by Owner liveness and removed, so it never causes evictions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from pytest_flightctl_device.core.atomic import sweep_temps, write_atomic
+from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.errors import BootError
 
 # Left for the host, qemu's own overhead per guest, and the slot wait's polling interval.
 HOST_RESERVE_MIB = 1024
 QEMU_OVERHEAD_MIB = 192
 POLL_S = 0.2
+WAITER_PREFIX = "waiting-"
+_waiter_numbers = itertools.count(1)  # several threads of one process may wait at once
 
 
 def available_mib() -> int:
@@ -65,8 +76,55 @@ class VMSlots:
             return Slot(lock)
         return None
 
+    def any_free(self) -> bool:
+        """Is a slot free right now? (Probed by taking and releasing it: a waiter retries within POLL_S.)"""
+        slot = self.try_acquire()
+        if slot is None:
+            return False
+        slot.release()
+        return True
+
+    @contextlib.contextmanager
+    def announce(self) -> Iterator[None]:
+        """Say "a boot waits for a slot" while the block runs, so idle VMs give theirs up."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        owner = Owner.current()
+        path = self.directory / f"{WAITER_PREFIX}{owner.token}-{next(_waiter_numbers)}"
+        write_atomic(path, owner.token)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+    def waiters(self) -> list[Owner]:
+        """The live processes waiting for a slot; a dead waiter's file is removed (never counted)."""
+        found: list[Owner] = []
+        try:
+            entries = [p for p in self.directory.iterdir() if p.name.startswith(WAITER_PREFIX)]
+        except OSError:
+            return found
+        sweep_temps(self.directory)
+        for entry in entries:
+            try:
+                owner = Owner.from_token(entry.read_text(encoding="ascii").strip())
+            except (OSError, UnicodeDecodeError):
+                continue  # withdrawn meanwhile
+            if owner is not None and owner.alive():
+                found.append(owner)
+            else:
+                entry.unlink(missing_ok=True)
+        return found
+
     def acquire(self, timeout: float, on_wait: Callable[[str], None] | None = None,
                 cancelled: threading.Event | None = None) -> Slot:
+        slot = self.try_acquire()
+        if slot is not None:
+            return slot
+        with self.announce():
+            return self._wait(timeout, on_wait, cancelled)
+
+    def _wait(self, timeout: float, on_wait: Callable[[str], None] | None,
+              cancelled: threading.Event | None) -> Slot:
         deadline = time.monotonic() + timeout
         told = False
         while True:

@@ -18,6 +18,10 @@ makes it a new device (identity.py) before it is handed out. A revert that fails
 than REVERT_S, or does not take (the previous clone's marker survived), and a clone not ready
 within CLONE_READY_S, are abandoned: the template is destroyed, this device is cold-booted
 instead, and the pool counts it (the terminal summary says how many).
+
+An idle template holds a --device-max-vms slot. So that it never keeps a boot waiting (a cold
+boot of this process, or another xdist worker's), a pool with idle templates watches the slots'
+waiters (slots.VMSlots.announce) and stops its least recently used idle template for a live one.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from pytest_flightctl_device.devices.readiness import (
 )
 from pytest_flightctl_device.devices.reaper import Reaper
 from pytest_flightctl_device.devices.seed import SeedSpec
+from pytest_flightctl_device.devices.slots import VMSlots
 from pytest_flightctl_device.devices.ssh import SshClient
 from pytest_flightctl_device.errors import BootError
 
@@ -68,6 +73,7 @@ SNAPSHOT = "fcdev-pristine"
 SNAPSHOT_S = 60.0  # taking the template's snapshot (0.1-0.5 s measured)
 REVERT_S = 20.0  # a revert slower than this is abandoned (1.6-3 s measured under TCG on a busy host)
 CLONE_READY_S = 30.0  # from the revert to SSH, forwards and identity done (x4 under TCG)
+WATCH_S = 0.5  # how often a pool with idle templates looks for a boot waiting for a slot
 
 
 class CloneFailed(Exception):
@@ -166,7 +172,7 @@ class TemplatePool:
     """One process's templates, by key: free ones wait for their next clone; busy ones serve one."""
 
     def __init__(self, process_dir: Path, capacity: Callable[[], int], log: Callable[[str], None],
-                 uri: str) -> None:
+                 uri: str, slots: VMSlots | None = None) -> None:
         self.process_dir = process_dir
         self.uri = uri
         self._reaper: Reaper | None = None
@@ -179,9 +185,14 @@ class TemplatePool:
         self.clones = 0  # devices handed out as clones
         self.fallbacks = 0  # clones abandoned for a cold boot
         self.template_seconds: list[float] = []  # each template's boot + snapshot
+        self.slots = slots  # whose waiters idle templates give way to (None: they never do)
+        self._watcher: threading.Thread | None = None  # runs while templates are idle
+        self._closed = threading.Event()
+        self._notes: list[str] = []  # the watcher's log lines, written by the next caller's thread
 
     def take(self, key: str, ctx: BootContext, request: VMRequest, cancelled: threading.Event) -> Template:
         """A free template of `key`, else a new one booted now (evicting idle ones to make room)."""
+        self._flush_notes()
         with self._lock:
             for template in sorted(self._free, key=lambda t: -t.last_used):
                 if template.key == key:
@@ -246,8 +257,52 @@ class TemplatePool:
             if alive:
                 template.last_used = time.monotonic()
                 self._free.append(template)
+                self._start_watcher()
         if not alive:
             self._stop(template.boot)
+
+    def _start_watcher(self) -> None:
+        """With the lock held, as a template becomes idle: watch for waiting boots while any is."""
+        if self.slots is None or self._watcher is not None or self._closed.is_set():
+            return
+        self._watcher = threading.Thread(target=self._watch_waiters, name="fcdev-template-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch_waiters(self) -> None:
+        while not self._closed.wait(WATCH_S):
+            with self._lock:
+                if not self._free:
+                    self._watcher = None  # under the lock: the next give_back starts another
+                    return
+            try:
+                self.yield_to_waiter()
+            except Exception as exc:  # a libvirt hiccup must not end the watch for good
+                self._notes.append(f"device templates: giving a slot to a waiting boot failed ({exc})")
+
+    def yield_to_waiter(self) -> Template | None:
+        """Stop the least recently used idle template when a live boot waits for a slot and none is
+        free (a slot free already goes to that boot within its poll: stopping more would waste them)."""
+        if self.slots is None:
+            return None
+        with self._lock:
+            if not self._free:
+                return None
+        if not self.slots.waiters() or self.slots.any_free():
+            return None
+        with self._lock:
+            if not self._free:
+                return None
+            template = min(self._free, key=lambda t: t.last_used)
+            self._free.remove(template)
+        self._notes.append(f"device template {template.boot.name} stopped: a boot waits for its slot "
+                           "(--device-max-vms)")
+        self._stop(template.boot)
+        return template
+
+    def _flush_notes(self) -> None:
+        notes, self._notes = self._notes, []
+        for note in notes:
+            self.log(note)
 
     def discard(self, template: Template) -> None:
         """A template that failed a clone: destroyed, its files removed, its slot freed."""
@@ -271,6 +326,12 @@ class TemplatePool:
             return [t.boot.name for t in self._free + self._busy]
 
     def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            watcher = self._watcher
+        if watcher is not None:
+            watcher.join(60.0)  # it may be stopping a template: that one must be gone too
+        self._flush_notes()
         with self._lock:
             templates, self._free, self._busy = self._free + self._busy, [], []
         for template in templates:

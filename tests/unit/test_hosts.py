@@ -81,6 +81,7 @@ class _Host:
         self.free = free
         self.up = up
         self.error = None if up else f"{label} is down"
+        self.remote = False  # a waiting placement announces itself in its slots (VMSlots.announce)
 
     def connect(self) -> Any:
         return object() if self.up else None
@@ -141,3 +142,16 @@ def test_two_threads_never_overfill_a_host(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert sorted(label for label, _slot in got) == ["a", "b"]
+
+
+def test_a_placement_that_waits_is_announced_on_the_local_hosts(tmp_path: Path) -> None:
+    a, b = _Host("a", tmp_path, 1), _Host("b", tmp_path, 1)
+    b.remote = True  # a remote host's slots are not where this machine's idle templates look
+    held = [a.slots.acquire(1), b.slots.acquire(1)]
+    seen: list[tuple[int, int]] = []
+    with pytest.raises(BootError):
+        _hosts(a, b).acquire(256, 0.3, lambda _msg: seen.append((len(a.slots.waiters()), len(b.slots.waiters()))))
+    assert seen == [(1, 0)]
+    assert a.slots.waiters() == []  # withdrawn when it gave up
+    for slot in held:
+        slot.release()
