@@ -178,6 +178,9 @@ def test_a_bad_marker_argument_is_one_clear_error(pytester: pytest.Pytester, tin
     """)
     result = pytester.runpytest_subprocess(*tiny_args, "-rN")
     result.assert_outcomes(errors=1)
+    from pytest_flightctl_device.devices.factory import MARKER_ARGS
+
+    assert {"memory_mib", "vcpus", "variant", "fresh", "labels"} <= set(MARKER_ARGS)
     _printed_once(result.stdout.str(), "@pytest.mark.device got unexpected arguments ['memory']; use keyword "
-                                       "arguments from memory_mib, vcpus, variant, runcmd, boot_timeout.")
+                                       f"arguments from {', '.join(MARKER_ARGS)}.")
     assert "fcdev-" not in result.stdout.str()  # nothing booted
