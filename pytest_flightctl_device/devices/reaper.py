@@ -32,21 +32,36 @@ def _destroy_unless_kept(conn: Any, name: str) -> None:
         pass  # already gone: the goal
 
 
+def _connect(uri: str) -> Any:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt.open(uri)
+
+
 def watch(uri: str, lines: IO[str]) -> None:
-    """Collect names until end of file, then destroy what is left (in parallel: each takes ~1.5 s)."""
+    """Collect names until end of file, then destroy what is left (in parallel: each takes ~1.5 s).
+
+    The connection is opened with the first name, not at end of file: after a kill -9 the 2 s a
+    domain may outlive its owner go to destroying it, not to importing libvirt and connecting."""
     names: set[str] = set()
+    conn: Any = None
     for line in lines:
         line = line.strip()
         if line.startswith("+"):
             names.add(line[1:])
+            if conn is None:
+                conn = _connect(uri)
         elif line.startswith("-"):
             names.discard(line[1:])
-    if not names:
+    if not names or conn is None:
+        if conn is not None:
+            conn.close()
         return
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    conn = libvirt.open(uri)
+    try:
+        conn.getLibVersion()
+    except Exception:  # the connection died while we waited (libvirtd restarted): a new one
+        conn = _connect(uri)
     threads = [threading.Thread(target=_destroy_unless_kept, args=(conn, name)) for name in names]
     for thread in threads:
         thread.start()

@@ -202,7 +202,8 @@ INNER = """
         clock = float(device_vm.run("date +%s.%N").stdout)
         skew = clock - (before + time.time()) / 2
         random = device_vm.run("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\\\n'").stdout
-        key = wait(device_vm, "sudo sha256sum /var/lib/flightctl/certs/agent.key | cut -c1-64", "agent key")
+        key = wait(device_vm, "sudo test -s /var/lib/flightctl/certs/agent.key && "
+                         "sudo sha256sum /var/lib/flightctl/certs/agent.key | cut -c1-64", "agent key")
         banner = wait(device_vm, "cat /etc/issue.d/flightctl-banner.issue", "enrollment banner")
         name = re.search(r"/enroll/(\\w+)", banner).group(1)
         record = dict(n=n, vm=device_vm.name, domain=device_vm.domain_name, earlier=int(earlier), skew=skew,

@@ -193,8 +193,13 @@ def device_name(key_path: Path) -> str:
 def ensure_identity() -> str:
     CERTS.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not KEY.exists():
-        openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(KEY))
-        KEY.chmod(0o600)
+        # written aside and renamed, as the real agent's key file appears: whole or not at all (a reader,
+        # or this agent restarted after a kill, never sees an empty key)
+        partial = KEY.with_name(KEY.name + ".tmp")
+        partial.unlink(missing_ok=True)
+        openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(partial))
+        partial.chmod(0o600)
+        os.replace(partial, KEY)
         CSR.unlink(missing_ok=True)
     name = device_name(KEY)
     if not CSR.exists():
