@@ -17,7 +17,8 @@ from tests.support.helpers import missing
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flightctl-device-selftest", "this repository's own reliability tests")
-    group.addoption("--soak-boots", type=int, default=50, help="sequential boots in the soak test")
+    group.addoption("--soak-boots", type=int, default=30,
+                    help="sequential boots in the soak test (CI: 30, ~4 min under TCG; more for a longer soak)")
     group.addoption("--chaos-kills", type=int, default=20, help="kill -9 rounds in the chaos test")
 
 
