@@ -6,6 +6,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,106 @@ def test_keep_vm_keeps_a_failed_clone_and_its_template(pytester: pytest.Pytester
             conn.lookupByName(name).destroy()
         finally:
             conn.close()
+
+
+WAITING_CHILD = textwrap.dedent("""
+    import dataclasses, sys
+    from pathlib import Path
+    from pytest_flightctl_device.devices import boot
+    from pytest_flightctl_device.devices.agent import throwaway_agent_config
+    from pytest_flightctl_device.settings import Settings
+    from pytest_flightctl_device.devices.factory import DeviceVMFactory
+
+    boot.SLOT_WAIT_S = 120.0  # a slot never given up fails the test here, not in an hour
+    settings = dataclasses.replace(Settings.resolve({}, {}, {}),
+        network="isolated", memory_mib=256, vcpus=1, libvirt_uri=(sys.argv[3],), workdir=Path(sys.argv[4]),
+        cache_dir=Path(sys.argv[5]), fresh="boot", max_vms=1, boot_timeout=60.0)
+    factory = DeviceVMFactory(settings, base_image=Path(sys.argv[1]), agent=throwaway_agent_config(),
+                              run_id=sys.argv[2], worker="w")
+    try:
+        vm = factory.create()
+        print(vm.name, vm.run("hostname").stdout.strip(), flush=True)
+    finally:
+        factory.close()
+""")
+
+
+def test_max_vms_an_idle_template_gives_its_slot_to_a_waiting_boot(make_factory: FactoryMaker, tiny_guest: Path,
+                                                                   device_settings: Settings,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_flightctl_device.devices import boot as boot_module
+
+    # Its own workdir, so that only this test's VMs count against --device-max-vms 1.
+    workdir = device_settings.workdir / f"max-vms-{secrets.token_hex(4)}"
+    monkeypatch.setattr(boot_module, "SLOT_WAIT_S", 120.0)  # a slot never given up fails here, not in an hour
+    factory = make_factory(tiny_guest, memory_mib=256, vcpus=1, boot_timeout=60.0, fresh="snapshot", max_vms=1,
+                           workdir=workdir)
+    uri = factory.settings.libvirt_uri[0]
+    try:
+        clone = factory.create()
+        template = clone.domain_name
+        factory.release(clone)
+        assert factory.templates.running() == [template]  # idle, holding the only slot
+
+        # A cold boot of this very process waits for that slot: the idle template gives it up.
+        cold = factory.create(fresh="boot")
+        assert cold.domain_name == cold.name and cold.run("hostname").stdout.strip() == cold.name
+        assert factory.templates.running() == [] and template not in _domains(uri)
+        factory.release(cold)
+
+        # Another process (another xdist worker) waiting for the slot gets it the same way.
+        clone = factory.create()
+        second_template = clone.domain_name
+        assert second_template != template
+        factory.release(clone)
+        assert factory.templates.running() == [second_template]
+        child = subprocess.run([sys.executable, "-c", WAITING_CHILD, str(tiny_guest), secrets.token_hex(4), uri,
+                                str(workdir), str(device_settings.cache_dir)],
+                               capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0, child.stderr[-2000:]
+        name, hostname = child.stdout.split()
+        assert hostname == name
+        assert factory.templates.running() == [] and second_template not in _domains(uri)
+        assert factory.stats.fresh == {"clone": 2}
+    finally:
+        factory.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_prefetched_spare_is_a_clone(make_factory: FactoryMaker, tiny_guest: Path) -> None:
+    factory = make_factory(tiny_guest, memory_mib=256, vcpus=1, boot_timeout=60.0, fresh="snapshot", prefetch=True,
+                           max_vms=4)
+    uri = factory.settings.libvirt_uri[0]
+    first = factory.create()
+    assert first.domain_name != first.name  # a clone
+    first.run("sudo touch /root/written-by-first")
+    assert factory._spare is not None
+    spare_name = factory._spare.vm.name
+    factory.wait_spare(timeout=300)  # the "test" runs long enough for the spare to be made
+    assert not factory._spare.errors
+    factory.release(first)
+
+    second = factory.create()  # the spare: the first clone of a second template (the first one was busy)
+    assert second.name == spare_name != first.name
+    assert second.domain_name not in (second.name, first.domain_name)
+    assert second.run("hostname").stdout.strip() == second.name
+    assert not second.run("ls /root/written-by-first", check=False).ok
+
+    # The next spare reverts the first template in the background, while `second` runs.
+    factory.wait_spare(timeout=300)
+    assert factory._spare is not None and not factory._spare.errors
+    factory.release(second)
+    third = factory.create()
+    assert third.domain_name == first.domain_name and third.name not in (first.name, second.name)
+    assert third.run("hostname").stdout.strip() == third.name
+    assert not third.run("ls /root/written-by-first", check=False).ok
+    assert factory.stats.fresh == {"clone": 3}
+    factory.release(third)
+
+    factory.close()  # with a spare clone still being made
+    assert factory.templates.running() == []
+    assert not {name for name in _domains(uri) if name.startswith(factory.process_dir.name)}
+    assert not factory.process_dir.exists()
 
 
 # -- the Debian guest: ten device tests in a row, then with -n 2 ----------------------------------
