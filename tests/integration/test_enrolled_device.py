@@ -197,7 +197,8 @@ def test_a_refused_token_fails_before_any_device_boots(pytester: pytest.Pytester
     monkeypatch.setenv("FLIGHTCTL_TOKEN", "not-the-t0ken")
     qcow2 = tmp_path / "never-booted.qcow2"
     qcow2.write_bytes(b"not a disk: nothing may boot it")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--device-qcow2={qcow2}",
+    # -rN: no short summary, whose lines CI=true makes whole (each would repeat the sentence)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rN", f"--device-qcow2={qcow2}",
                                            *_service_options(emu, tmp_path))
     result.assert_outcomes(errors=2)
     text = result.stdout.str()
