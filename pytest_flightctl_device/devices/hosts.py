@@ -21,7 +21,6 @@ import json
 import random
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -31,15 +30,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pytest_flightctl_device.core.liveness import Owner
 from pytest_flightctl_device.devices import janitor
-from pytest_flightctl_device.devices.slots import QEMU_OVERHEAD_MIB, Slot, VMSlots
+from pytest_flightctl_device.devices.slots import QEMU_OVERHEAD_MIB, Slot, VMSlots, wait_for_room
 from pytest_flightctl_device.devices.ssh import Jump
 from pytest_flightctl_device.devices.volumes import DEFAULT_POOL, HostStore
-from pytest_flightctl_device.errors import BootError, ConfigError, MissingToolError
+from pytest_flightctl_device.errors import ConfigError, MissingToolError
 
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
 LOCAL_TRANSPORTS = ("", "unix")
 REMOTE_PORTS = (20000, 60000)  # a remote forward's port is picked here, retried when taken
-POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -277,10 +275,10 @@ class Hosts:
                cancelled: threading.Event | None, waiting: contextlib.ExitStack) -> tuple[Host, Slot]:
         """Try every host until one has room; once all were full, the local ones hear that we wait
         (VMSlots.announce: idle templates there give their slots up)."""
-        deadline = time.monotonic() + timeout
-        told = False
         announced = False
-        while True:
+
+        def take() -> tuple[Host, Slot] | None:
+            nonlocal announced
             hosts = self.reachable()
             if not hosts:
                 raise MissingToolError(self.hosts[0].error or "no libvirt host can be reached.")
@@ -297,16 +295,14 @@ class Hosts:
                     if not host.remote:
                         waiting.enter_context(host.slots.announce())
                 announced = True
-            if not told and on_wait is not None:
-                shares = ", ".join(f"{h.label} {h.slots.count}" for h in hosts)
-                on_wait(f"every libvirt host is full (--device-max-vms per host: {shares}); waiting for room")
-                told = True
-            if cancelled is not None and cancelled.is_set():
-                raise BootError("the boot was cancelled while it waited for a device VM slot.")
-            if time.monotonic() > deadline:
-                raise BootError(f"no libvirt host had room within {timeout:.0f} s; raise --device-max-vms, "
-                                "add a --device-libvirt-uri or run fewer workers.")
-            time.sleep(POLL_S)
+            return None
+
+        shares = ", ".join(f"{h.label} {h.slots.count}" for h in self.hosts)
+        return wait_for_room(
+            take, timeout=timeout, on_wait=on_wait, cancelled=cancelled,
+            busy=f"every libvirt host is full (--device-max-vms per host: {shares}); waiting for room",
+            timed_out=f"no libvirt host had room within {timeout:.0f} s; raise --device-max-vms, "
+                      "add a --device-libvirt-uri or run fewer workers.")
 
     def close(self) -> None:
         for host in self.hosts:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from filelock import FileLock, Timeout
 
@@ -125,19 +126,31 @@ class VMSlots:
 
     def _wait(self, timeout: float, on_wait: Callable[[str], None] | None,
               cancelled: threading.Event | None) -> Slot:
-        deadline = time.monotonic() + timeout
-        told = False
-        while True:
-            slot = self.try_acquire()
-            if slot is not None:
-                return slot
-            if not told and on_wait is not None:
-                on_wait(f"all {self.count} device VM slots are busy (--device-max-vms); waiting for one")
-                told = True
-            if cancelled is not None and cancelled.is_set():
-                raise BootError("the boot was cancelled while it waited for a device VM slot.")
-            if time.monotonic() > deadline:
-                raise BootError(f"no device VM slot came free within {timeout:.0f} s "
-                                f"(--device-max-vms {self.count}); raise --device-max-vms or run fewer "
-                                "workers.")
-            time.sleep(POLL_S)
+        return wait_for_room(
+            self.try_acquire, timeout=timeout, on_wait=on_wait, cancelled=cancelled,
+            busy=f"all {self.count} device VM slots are busy (--device-max-vms); waiting for one",
+            timed_out=f"no device VM slot came free within {timeout:.0f} s (--device-max-vms {self.count}); "
+                      "raise --device-max-vms or run fewer workers.")
+
+
+_T = TypeVar("_T")
+
+
+def wait_for_room(take: Callable[[], _T | None], *, timeout: float, busy: str, timed_out: str,
+                  on_wait: Callable[[str], None] | None, cancelled: threading.Event | None) -> _T:
+    """Poll `take` until it gives something (a slot, a host and its slot): say `busy` once, stop when
+    cancelled, give up with `timed_out` after `timeout`. The one wait of slots and of placement."""
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        got = take()
+        if got is not None:
+            return got
+        if not told and on_wait is not None:
+            on_wait(busy)
+            told = True
+        if cancelled is not None and cancelled.is_set():
+            raise BootError("the boot was cancelled while it waited for a device VM slot.")
+        if time.monotonic() > deadline:
+            raise BootError(timed_out)
+        time.sleep(POLL_S)
