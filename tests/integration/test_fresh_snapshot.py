@@ -21,16 +21,10 @@ from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.devices.template import SNAPSHOT
 from pytest_flightctl_device.settings import Settings
 from tests.integration.conftest import FactoryMaker
+from tests.support.helpers import domain_names
 
 pytest_plugins = ["pytester"]
 
-
-def _domains(uri: str) -> set[str]:
-    conn = open_libvirt(uri)
-    try:
-        return {dom.name() for dom in conn.listAllDomains()}
-    finally:
-        conn.close()
 
 
 def _skew(vm_run: object) -> float:
@@ -73,7 +67,7 @@ def test_tiny_clones_are_fresh_and_an_abandoned_revert_is_cold_booted(make_facto
     third = factory.create()
     assert third.domain_name == third.name  # cold-booted as itself
     assert third.run("hostname").stdout.strip() == third.name
-    assert template.boot.name not in _domains(factory.settings.libvirt_uri[0])
+    assert template.boot.name not in domain_names(factory.settings.libvirt_uri[0])
     assert not template.boot.dir.exists()
     assert factory.stats.fresh == {"clone": 2, "fallback": 1}
     summary = factory.stats.summary()
@@ -129,7 +123,7 @@ def test_kill_9_with_templates_and_clones_running_leaves_nothing(device_settings
         line = child.stdout.readline().split()
         assert len(line) == 3, "the child process did not make its clones"
         process_dir, templates = Path(line[0]), line[1:]
-        assert set(templates) <= _domains(uri)
+        assert set(templates) <= domain_names(uri)
         assert all((process_dir / name.rsplit("-", 1)[1]).is_dir() for name in templates)
     finally:
         os.kill(child.pid, signal.SIGKILL)
@@ -140,12 +134,12 @@ def test_kill_9_with_templates_and_clones_running_leaves_nothing(device_settings
     # other, and PID 1 here reaps a dead qemu only every ~1.7 s), so its bound is 5 s.
     reverted, first_of_t2 = sorted(templates)  # ...-t1 (reverted for `two`), ...-t2 (`three`'s, unreverted)
     killed = time.monotonic()
-    while first_of_t2 in _domains(uri) and time.monotonic() < killed + 2.0:
+    while first_of_t2 in domain_names(uri) and time.monotonic() < killed + 2.0:
         time.sleep(0.1)
-    assert first_of_t2 not in _domains(uri), "a killed run's autodestroyed template outlived it by 2 s"
-    while reverted in _domains(uri) and time.monotonic() < killed + 5.0:
+    assert first_of_t2 not in domain_names(uri), "a killed run's autodestroyed template outlived it by 2 s"
+    while reverted in domain_names(uri) and time.monotonic() < killed + 5.0:
         time.sleep(0.1)
-    assert reverted not in _domains(uri), "the reaper left a killed run's reverted template running for 5 s"
+    assert reverted not in domain_names(uri), "the reaper left a killed run's reverted template running for 5 s"
     conn = open_libvirt(uri)
     try:
         janitor.sweep(conn, workdir)
@@ -176,8 +170,8 @@ def test_keep_vm_keeps_a_failed_clone_and_its_template(pytester: pytest.Pytester
     assert name.endswith("-t1")
     uri = device_settings.libvirt_uri[0]
     try:
-        assert name in _domains(uri)  # the kept clone's template outlives the session
-        assert name.replace("-t1", "-t2") not in _domains(uri)  # the next test's template did not
+        assert name in domain_names(uri)  # the kept clone's template outlives the session
+        assert name.replace("-t1", "-t2") not in domain_names(uri)  # the next test's template did not
         result.stdout.fnmatch_lines(["*snapshot clones: 2, abandoned for a cold boot: 0*"])
     finally:
         conn = open_libvirt(uri)
@@ -229,7 +223,7 @@ def test_max_vms_an_idle_template_gives_its_slot_to_a_waiting_boot(make_factory:
         # A cold boot of this very process waits for that slot: the idle template gives it up.
         cold = factory.create(fresh="boot")
         assert cold.domain_name == cold.name and cold.run("hostname").stdout.strip() == cold.name
-        assert factory.templates.running() == [] and template not in _domains(uri)
+        assert factory.templates.running() == [] and template not in domain_names(uri)
         factory.release(cold)
 
         # Another process (another xdist worker) waiting for the slot gets it the same way.
@@ -244,7 +238,7 @@ def test_max_vms_an_idle_template_gives_its_slot_to_a_waiting_boot(make_factory:
         assert child.returncode == 0, child.stderr[-2000:]
         name, hostname = child.stdout.split()
         assert hostname == name
-        assert factory.templates.running() == [] and second_template not in _domains(uri)
+        assert factory.templates.running() == [] and second_template not in domain_names(uri)
         assert factory.stats.fresh == {"clone": 2}
     finally:
         factory.close()
@@ -283,7 +277,7 @@ def test_a_prefetched_spare_is_a_clone(make_factory: FactoryMaker, tiny_guest: P
 
     factory.close()  # with a spare clone still being made
     assert factory.templates.running() == []
-    assert not {name for name in _domains(uri) if name.startswith(factory.process_dir.name)}
+    assert not {name for name in domain_names(uri) if name.startswith(factory.process_dir.name)}
     assert not factory.process_dir.exists()
 
 

@@ -16,6 +16,7 @@ from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.devices.factory import DeviceVMFactory
 from pytest_flightctl_device.settings import Settings
+from tests.support.helpers import domain_names
 
 CHILD = textwrap.dedent("""
     import dataclasses, sys, time
@@ -35,13 +36,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _domain_names(uri: str) -> set[str]:
-    conn = open_libvirt(uri)
-    try:
-        return {dom.name() for dom in conn.listAllDomains()}
-    finally:
-        conn.close()
-
 
 def test_kill_9_leaves_no_domain_and_the_janitor_removes_its_files(
         device_settings: Settings, tiny_guest: Path) -> None:
@@ -55,14 +49,14 @@ def test_kill_9_leaves_no_domain_and_the_janitor_removes_its_files(
         line = child.stdout.readline().split()
         assert line, "the child process did not boot its VM"
         name, vm_dir = line[0], Path(line[1])
-        assert name in _domain_names(uri)
+        assert name in domain_names(uri)
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     deadline = time.monotonic() + 2.0
-    while name in _domain_names(uri) and time.monotonic() < deadline:
+    while name in domain_names(uri) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert name not in _domain_names(uri), "the killed run's domain outlived it by 2 s"
+    assert name not in domain_names(uri), "the killed run's domain outlived it by 2 s"
     assert vm_dir.exists()  # files stay until a janitor runs
     conn = open_libvirt(uri)
     try:

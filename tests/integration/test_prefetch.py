@@ -5,16 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pytest_flightctl_device.devices.domain import open_libvirt
 from tests.integration.conftest import FactoryMaker
-
-
-def _domains(uri: str) -> set[str]:
-    conn = open_libvirt(uri)
-    try:
-        return {dom.name() for dom in conn.listAllDomains()}
-    finally:
-        conn.close()
+from tests.support.helpers import domain_names
 
 
 def test_spare_is_handed_over_and_cleaned_up(make_factory: FactoryMaker, tiny_guest: Path) -> None:
@@ -36,7 +28,7 @@ def test_spare_is_handed_over_and_cleaned_up(make_factory: FactoryMaker, tiny_gu
     # A request that is not the default one gets a fresh device; the idle spare is dropped.
     other = factory.create(memory_mib=300)
     assert other.name not in (spare_name, next_spare.vm.name)
-    assert next_spare.vm.name not in _domains(factory.settings.libvirt_uri[0])
+    assert next_spare.vm.name not in domain_names(factory.settings.libvirt_uri[0])
     assert not next_spare.vm.dir.exists()
     factory.release(other)
     factory.release(second)
@@ -45,6 +37,6 @@ def test_spare_is_handed_over_and_cleaned_up(make_factory: FactoryMaker, tiny_gu
     assert factory._spare is not None
     pending = factory._spare.vm
     factory.close()  # also ends a spare that is still booting
-    names = _domains(factory.settings.libvirt_uri[0])
+    names = domain_names(factory.settings.libvirt_uri[0])
     assert third.name not in names and pending.name not in names
     assert not pending.dir.exists()

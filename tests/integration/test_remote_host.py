@@ -29,7 +29,7 @@ from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.devices.factory import DeviceVMFactory
 from pytest_flightctl_device.errors import BootError
 from pytest_flightctl_device.settings import Settings
-from tests.support.helpers import HELLO, hello_server, missing
+from tests.support.helpers import HELLO, domain_names, hello_server, missing
 from tests.support.sshd import SshServer, ssh_server
 
 pytest_plugins = ["pytester"]
@@ -101,13 +101,6 @@ def _volumes(pool: str) -> set[str]:
         conn.close()
 
 
-def _domains() -> set[str]:
-    conn = open_libvirt(LOCAL)
-    try:
-        return {dom.name() for dom in conn.listAllDomains()}
-    finally:
-        conn.close()
-
 
 def test_remote_boot_run_files_reboot_console(device_settings: Settings, agent_config: AgentConfig,
                                               sshd: SshServer, private_base: Path, test_pool: str,
@@ -142,7 +135,7 @@ def test_remote_boot_run_files_reboot_console(device_settings: Settings, agent_c
             assert vm.run("echo again").stdout == "again\n"
             name = vm.name
             factory.release(vm)
-            assert name not in _domains()
+            assert name not in domain_names(LOCAL)
             assert not {v for v in _volumes(test_pool) if v.startswith(name + ".")}
         finally:
             factory.close()
@@ -152,8 +145,14 @@ def test_remote_boot_run_files_reboot_console(device_settings: Settings, agent_c
 def test_second_run_uploads_nothing_and_skips_an_unreachable_host(
         device_settings: Settings, agent_config: AgentConfig, sshd: SshServer, private_base: Path,
         test_pool: str) -> None:
-    """Runs after the first test: the base is on the host already. A dead URI listed first is
-    reported once and skipped; a boot that fails shows the console tail the stream drained."""
+    """A second run uploads nothing (a first run, here or in the earlier test, put the base on the
+    host). A dead URI listed first is reported once and skipped; a boot that fails shows the
+    console tail the stream drained."""
+    first = _factory(device_settings, agent_config, private_base, (_uri(sshd),), [], libvirt_pool=test_pool)
+    try:  # the first run: it uploads the base unless the earlier test (on this xdist worker) did
+        first.release(first.create())
+    finally:
+        first.close()
     with socket_closed_port() as dead:
         log: list[str] = []
         dead_uri = f"qemu+ssh://root@127.0.0.1:{dead}/system?no_verify=1"
@@ -212,7 +211,7 @@ def test_kill_9_mid_boot_leaves_nothing(device_settings: Settings, sshd: SshServ
                               str(device_settings.workdir), str(device_settings.cache_dir), test_pool])
     try:
         deadline = time.monotonic() + 60
-        while f"{process}-1" not in _domains():
+        while f"{process}-1" not in domain_names(LOCAL):
             assert child.poll() is None, "the child died before its domain started"
             assert time.monotonic() < deadline, "the child's domain never started"
             time.sleep(0.1)
@@ -220,9 +219,9 @@ def test_kill_9_mid_boot_leaves_nothing(device_settings: Settings, sshd: SshServ
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     deadline = time.monotonic() + 2.0
-    while f"{process}-1" in _domains() and time.monotonic() < deadline:
+    while f"{process}-1" in domain_names(LOCAL) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert f"{process}-1" not in _domains(), "the killed run's remote domain outlived it by 2 s"
+    assert f"{process}-1" not in domain_names(LOCAL), "the killed run's remote domain outlived it by 2 s"
     assert {v for v in _volumes(test_pool) if v.startswith(process)}  # its volumes wait for the next run
     conn = open_libvirt(_uri(sshd))
     try:

@@ -77,3 +77,14 @@ def hello_server() -> Iterator[int]:
     """A loopback HTTP service answering every GET with HELLO: a host service for a guest to reach."""
     with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)) as port:
         yield port
+
+
+def domain_names(uri: str) -> set[str]:
+    """The names of every domain libvirt at `uri` runs now (what a leak check looks at)."""
+    from pytest_flightctl_device.devices.domain import open_libvirt
+
+    conn = open_libvirt(uri)
+    try:
+        return {dom.name() for dom in conn.listAllDomains()}
+    finally:
+        conn.close()
