@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pytest_flightctl_device.devices.agent import throwaway_agent_config
 from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.devices.factory import DeviceVMFactory
-from pytest_flightctl_device.devices.volumes import HostStore, base_digest
+from pytest_flightctl_device.devices.volumes import HostStore, base_digest, pool_xml
 from pytest_flightctl_device.settings import Settings
 from tests.guest.build import build_guest
 from tests.support.sshd import ssh_server
@@ -43,8 +43,7 @@ def main() -> None:
     local = open_libvirt("qemu:///system")
     pool_name = f"fcdev-bench-{secrets.token_hex(3)}"
     pool_path = Path("/var/tmp") / pool_name
-    pool = local.storagePoolDefineXML(f"<pool type='dir'><name>{pool_name}</name><target><path>{pool_path}"
-                                      "</path><permissions><mode>0755</mode></permissions></target></pool>", 0)
+    pool = local.storagePoolDefineXML(pool_xml(pool_name, str(pool_path)), 0)
     pool.build(0)
     pool.create(0)
     result: dict[str, object] = {"guest": args.guest, "size_mib": round(guest.stat().st_size / 2**20, 1)}

@@ -82,7 +82,8 @@ def _volume_xml(name: str, capacity: int, *, fmt: str, mode: int, backing: str |
             f"<permissions><mode>{mode:04o}</mode></permissions></target>{backing_xml}</volume>")
 
 
-def _pool_xml(name: str, path: str) -> str:
+def pool_xml(name: str, path: str) -> str:
+    """A dir pool whose directory qemu (another user) can traverse and read."""
     return (f"<pool type='dir'><name>{escape(name)}</name><target><path>{escape(path)}</path>"
             "<permissions><mode>0755</mode></permissions></target></pool>")
 
@@ -140,7 +141,7 @@ class HostStore:
         import libvirt
 
         try:
-            pool = self.conn.storagePoolDefineXML(_pool_xml(self.pool_name, DEFAULT_POOL_PATH), 0)
+            pool = self.conn.storagePoolDefineXML(pool_xml(self.pool_name, DEFAULT_POOL_PATH), 0)
         except libvirt.libvirtError:
             return self.conn.storagePoolLookupByName(self.pool_name)
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import socket
 import subprocess
 import tarfile
@@ -22,7 +21,7 @@ from pytest_flightctl_device.cli import main
 from pytest_flightctl_device.errors import ArtifactError
 from pytest_flightctl_device.images import podman, push, registry
 from pytest_flightctl_device.settings import Settings
-from tests.support.helpers import require_registry, require_tool
+from tests.support.helpers import fresh_cache_dir, require_registry, require_tool
 from tests.support.images.archive import Spec, write_archive
 from tests.support.images.stand_ins import podman_conn, remove_repo
 from tests.support.images.variants import VARIANTS, variant_bundle
@@ -48,14 +47,6 @@ def small_bundle(path: Path, tag: str = "t1") -> dict[str, str]:
     """Four variants over one shared layer, each with a layer of its own: 1 + 4 layers, 4 configs."""
     return write_archive(path, [Spec((f"{REPO}:{v}-{tag}",), (4 << 10,)) for v in VARIANTS], shared=[64 << 10])
 
-
-def cache_dir(tmp_path: Path, device_settings: Settings) -> Path:
-    """A fresh cache (so a fresh private registry), with the host's KVM verdict so no probe is redone."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    if device_settings.accel_file.is_file():
-        shutil.copyfile(device_settings.accel_file, cache / "accel.json")
-    return cache
 
 
 # -- flightctl-device push ----------------------------------------------------------------------
@@ -115,7 +106,7 @@ def test_an_unreachable_registry_fails_before_any_device_boots(
     """)
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", f"--device-qcow2={tiny_guest}", f"--device-bundle={bundle}",
-        f"--device-cache-dir={cache_dir(tmp_path, device_settings)}", "--device-network", "isolated",
+        f"--device-cache-dir={fresh_cache_dir(tmp_path, device_settings.accel_file)}", "--device-network", "isolated",
         "--device-registry", f"127.0.0.1:{port}", "--device-registry-insecure")
     result.assert_outcomes(errors=2)
     text = result.stdout.str()
@@ -151,8 +142,9 @@ def test_three_workers_push_each_image_once(pytester: pytest.Pytester, tmp_path:
                 json.dump({{"blobs": counters.blobs_sent, "sent": sent, "address": agent_registry.address,
                            "digests": agent_registry.digests}}, handle)
     """)
+    cache = fresh_cache_dir(tmp_path, device_settings.accel_file)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "3", f"--device-bundle={bundle}",
-                                           f"--device-cache-dir={cache_dir(tmp_path, device_settings)}")
+                                           f"--device-cache-dir={cache}")
     result.assert_outcomes(passed=3)
     workers = [json.loads(path.read_text()) for path in sorted(out.glob("gw*.json"))]
     assert len(workers) == 3
@@ -183,7 +175,7 @@ def test_a_device_pulls_every_variant_by_its_canonical_name(
     """)
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", f"--device-qcow2={debian_guest}", f"--device-bundle={made.path}",
-        f"--device-cache-dir={cache_dir(tmp_path, device_settings)}", "--device-network", "isolated",
+        f"--device-cache-dir={fresh_cache_dir(tmp_path, device_settings.accel_file)}", "--device-network", "isolated",
         f"--device-image-repo={repo}/device", "--device-memory-mib", "1024", "--device-vcpus", "2")
     result.assert_outcomes(passed=1)
     seen = json.loads(out.read_text())

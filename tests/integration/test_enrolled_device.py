@@ -13,7 +13,6 @@ the agent's journal; teardown removing only each test's Device and ER; the token
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 from pytest_flightctl_device.settings import Settings
 from tests.support.flightctl_emulator import FlightctlEmulator, agent_request, user_client
 from tests.support.flightctl_fake.pki import make_csr
-from tests.support.helpers import require_registry
+from tests.support.helpers import fresh_cache_dir, require_registry
 from tests.support.images.stand_ins import podman_conn
 from tests.support.images.variants import variant_bundle
 
@@ -91,14 +90,6 @@ def emu() -> Iterator[FlightctlEmulator]:
         assert emulator.errors == []
 
 
-def _cache_dir(tmp_path: Path, device_settings: Settings) -> Path:
-    """A fresh cache (so a fresh private registry), with the host's KVM verdict so no probe is redone."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    if device_settings.accel_file.is_file():
-        shutil.copyfile(device_settings.accel_file, cache / "accel.json")
-    return cache
-
 
 def _service_options(emu: FlightctlEmulator, tmp_path: Path) -> list[str]:
     ca = tmp_path / "service-ca.crt"
@@ -152,7 +143,7 @@ def test_four_enrolled_devices_under_xdist(pytester: pytest.Pytester, podman_con
     agent_port = emu.agent_url.rsplit(":", 1)[1]
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-n", "2", "-rA", f"--device-qcow2={debian_guest}",
-        f"--device-bundle={made.path}", f"--device-cache-dir={_cache_dir(tmp_path, device_settings)}",
+        f"--device-bundle={made.path}", f"--device-cache-dir={fresh_cache_dir(tmp_path, device_settings.accel_file)}",
         "--device-network", "isolated", f"--device-image-repo={repo}/device", "--device-variants", "base,v2",
         f"--device-agent-config={agent_config}", f"--device-host-forward={agent_port}",
         "--device-memory-mib", "768", "--device-vcpus", "1", *_service_options(emu, tmp_path))

@@ -27,6 +27,7 @@ from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.agent import AgentConfig
 from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.devices.factory import DeviceVMFactory
+from pytest_flightctl_device.devices.volumes import pool_xml
 from pytest_flightctl_device.errors import BootError
 from pytest_flightctl_device.settings import Settings
 from tests.support.helpers import HELLO, domain_names, hello_server, missing
@@ -70,8 +71,7 @@ def test_pool() -> Iterator[str]:
     conn = open_libvirt(LOCAL)
     name = f"fcdev-test-{secrets.token_hex(3)}"
     path = Path("/var/tmp") / name
-    pool = conn.storagePoolDefineXML(f"<pool type='dir'><name>{name}</name><target><path>{path}</path>"
-                                     "<permissions><mode>0755</mode></permissions></target></pool>", 0)
+    pool = conn.storagePoolDefineXML(pool_xml(name, str(path)), 0)
     pool.build(0)
     pool.create(0)
     try:

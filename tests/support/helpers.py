@@ -9,6 +9,7 @@ import socketserver
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,13 @@ def domain_names(uri: str) -> set[str]:
         return {dom.name() for dom in conn.listAllDomains()}
     finally:
         conn.close()
+
+
+def fresh_cache_dir(tmp_path: Path, accel_file: Path) -> Path:
+    """A fresh plugin cache under tmp_path (so a fresh private registry), with the host's KVM verdict
+    copied in so no probe is redone."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if accel_file.is_file():
+        shutil.copyfile(accel_file, cache / "accel.json")
+    return cache
