@@ -59,19 +59,21 @@ def agent_held_check() -> str:
 def identity_script(*, hostname: str, epoch: float) -> str:
     """The clone's identity, as one `sudo sh -c` script; the host's entropy comes on stdin.
 
-    `epoch` is the host's time.time() when the command is sent (SSH adds well under a second).
+    `epoch` is the host's time.time() when the command is sent. The clock is set first, to the
+    millisecond where date takes it (GNU; busybox takes whole seconds): set later, it would be as
+    old as the steps before it took (python3 alone takes 1-2 s on a loaded TCG guest).
     Exit REVERT_DID_NOT_TAKE when the previous clone's marker survived the revert.
     """
     name = shlex.quote(hostname)
     lines = [
         "set -eu",
+        f"date -u -s @{epoch:.3f} >/dev/null 2>&1 || date -u -s @{round(epoch)} >/dev/null",
         f"if [ -e {CLONE_MARKER} ]; then echo \"the revert did not take: $(cat {CLONE_MARKER}) is still "
         f"there\" >&2; exit {REVERT_DID_NOT_TAKE}; fi",
         # entropy: stdin into the pool, then a forced CRNG reseed where python3 can issue the ioctl
         f"head -c {ENTROPY_BYTES} > /dev/urandom",
         "if command -v python3 >/dev/null 2>&1; then python3 -c 'import fcntl, os; "
         f"fcntl.ioctl(os.open(\"/dev/urandom\", os.O_WRONLY), {RNDRESEEDCRNG})'; fi",
-        f"date -u -s @{round(epoch)} >/dev/null",
         "if [ -f /etc/machine-id ]; then "
         "od -An -tx1 -N16 /dev/urandom | tr -d ' \\n' > /etc/machine-id.new && echo >> /etc/machine-id.new && "
         "mv /etc/machine-id.new /etc/machine-id; fi",

@@ -6,17 +6,21 @@ Measured here (libvirt 9.0, qemu 7.2, TCG), which decided the design:
     source"), so at most one domain per saved image can run on a host anyway, and a restored
     domain cannot be started with VIR_DOMAIN_START_AUTODESTROY (a kill -9 would leave it running);
   - an internal snapshot (memory + disk, in the template's qcow2 overlay) of the running transient
-    domain takes 0.1-0.5 s and a revert 1.6-3 s; the domain stays the autodestroyed one it was,
-    libvirt gives it a new <genid/> on every revert, and the guest clock is not reverted.
+    domain takes 0.1-0.5 s; a revert 0.5-1 s (1.6-3 s where PID 1 reaps the old qemu late). libvirt
+    9.0 reverts a running domain by stopping its qemu and starting a new one with -loadvm, which
+    gives it a new <genid/> and drops VIR_DOMAIN_START_AUTODESTROY (reaper.py destroys a killed
+    process's reverted templates instead); the guest clock is not reverted.
 So a clone is the template's domain reverted in place: one clone of a template at a time; a
 worker that needs two at once (--device-prefetch's spare) gets a second template of that shape.
+The revert is begun as soon as a clone is given back, paused (so the template costs no CPU while
+it waits), and the next clone waits only for what is left of it before resuming the template.
 
 A template is a cold boot (boot.Boot) whose seed also holds the agent back (identity.py), then
 the snapshot. A clone (CloneBoot) takes a free template of its shape from the factory's pool,
-reverts it unless it is the template's first clone (the snapshot state is still what runs), and
-makes it a new device (identity.py) before it is handed out. A revert that fails, takes longer
-than REVERT_S, or does not take (the previous clone's marker survived), and a clone not ready
-within CLONE_READY_S, are abandoned: the template is destroyed, this device is cold-booted
+waits for its revert (none before the template's first clone: the snapshot state still runs),
+and makes it a new device (identity.py) before it is handed out. A revert that fails, takes longer
+than REVERT_S from its start, or does not take (the previous clone's marker survived), and a clone
+not ready within CLONE_READY_S, are abandoned: the template is destroyed, this device is cold-booted
 instead, and the pool counts it (the terminal summary says how many).
 
 An idle template holds a --device-max-vms slot. So that it never keeps a boot waiting (a cold
@@ -54,7 +58,6 @@ from pytest_flightctl_device.devices.readiness import (
     Failed,
     HostForwards,
     Readiness,
-    SshBanner,
     SshLogin,
     StillRunning,
     TimedOut,
@@ -71,7 +74,7 @@ if TYPE_CHECKING:
 
 SNAPSHOT = "fcdev-pristine"
 SNAPSHOT_S = 60.0  # taking the template's snapshot (0.1-0.5 s measured)
-REVERT_S = 20.0  # a revert slower than this is abandoned (1.6-3 s measured under TCG on a busy host)
+REVERT_S = 10.0  # a revert slower than this (from its start) is abandoned: 0.5-1 s measured, 3 s under load
 CLONE_READY_S = 30.0  # from the revert to SSH, forwards and identity done (x4 under TCG)
 WATCH_S = 0.5  # how often a pool with idle templates looks for a boot waiting for a slot
 
@@ -99,10 +102,10 @@ def template_key(request: VMRequest, ctx: BootContext) -> str:
 class TemplateBoot(Boot):
     """A cold boot whose seed keeps the agent from starting; then the snapshot."""
 
-    # No <genid/>: with one, libvirt 9.0 reverts by starting a new qemu (to hand it the new ID), and
-    # that qemu is not autodestroyed with our connection (a kill -9 left it running; measured).
-    # The CRNG reseed comes from identity.py instead (host entropy + RNDRESEEDCRNG).
-    genid = False
+    # A <genid/>: libvirt gives every revert a new VM generation ID, on which a guest kernel with
+    # the vmgenid driver reseeds its CRNG at once. Not every kernel has it (Debian's cloud kernel
+    # has not), so identity.py also mixes in host entropy and forces a reseed (RNDRESEEDCRNG).
+    genid = True
 
     def make_seed_spec(self) -> SeedSpec:
         spec = super().make_seed_spec()
@@ -118,49 +121,79 @@ class TemplateBoot(Boot):
                             "template boot (it must not start before the snapshot); use --device-fresh boot.")
         self.ssh.close()
         dom = self.dom
-        _bounded(lambda: dom.snapshotCreateXML(
-            f"<domainsnapshot><name>{SNAPSHOT}</name></domainsnapshot>", 0), SNAPSHOT_S,
-            lambda: self._stop_domain(), f"taking the snapshot of template {self.name}")
+        Bounded(lambda: dom.snapshotCreateXML(f"<domainsnapshot><name>{SNAPSHOT}</name></domainsnapshot>", 0),
+                f"taking the snapshot of template {self.name}").wait(SNAPSHOT_S, self._stop_domain)
+
+    def revert_paused(self) -> None:
+        """Back to the snapshot, paused (libvirt 9.0: a new qemu started with -loadvm)."""
+        import libvirt
+
+        dom = self.dom
+        dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT, 0), libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED)
+
+    def resume(self) -> None:
+        self.dom.resume()
 
 
 @dataclasses.dataclass
 class Template:
-    """A running template domain, its snapshot, and how many clones it has served."""
+    """A running template domain, its snapshot, how many clones it has served, its pending revert."""
 
     key: str
     boot: TemplateBoot
     clones: int = 0
     last_used: float = 0.0
+    reverting: Bounded | None = None  # begun when the last clone was given back
 
-    def revert(self) -> None:
-        import libvirt
+    def revert_in_background(self) -> None:
+        """Begin the revert now, to a paused domain, so that the next clone waits for less."""
+        self.reverting = Bounded(self.boot.revert_paused, f"reverting template {self.boot.name}")
 
-        dom = self.boot.dom
-        _bounded(lambda: dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT, 0),
-                                              libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING), REVERT_S,
-                 lambda: self.boot._stop_domain(), f"reverting template {self.boot.name}")
+    def reverted(self) -> None:
+        """Wait for the pending revert (REVERT_S from its start) and resume the template; nothing to
+        do before its first clone. Raise CloneFailed when the revert failed or took too long."""
+        reverting, self.reverting = self.reverting, None
+        if reverting is None:
+            return
+        reverting.wait(REVERT_S, self.boot._stop_domain)
+        Bounded(self.boot.resume, f"resuming template {self.boot.name}").wait(REVERT_S, self.boot._stop_domain)
+
+    def settle(self) -> None:
+        """After the template was destroyed: let a pending revert's call return (destroying ends it)."""
+        reverting, self.reverting = self.reverting, None
+        if reverting is not None:
+            reverting.join(10.0)
 
 
-def _bounded(call: Callable[[], Any], seconds: float, abandon: Callable[[], None], what: str) -> None:
-    """Run a blocking libvirt call with a deadline: past it, `abandon` (destroy the domain, which
-    ends the call) and raise CloneFailed. libvirt-python drops the GIL while it waits."""
-    errors: list[BaseException] = []
+class Bounded:
+    """A blocking libvirt call on its own thread, begun now and waited for with a deadline counted
+    from its start: past it, `abandon` (destroy the domain, which ends the call) and CloneFailed.
+    libvirt-python drops the GIL while it waits, so the caller (or a test) goes on meanwhile."""
 
-    def run() -> None:
+    def __init__(self, call: Callable[[], Any], what: str) -> None:
+        self.what = what
+        self.started = time.monotonic()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(call,), name="fcdev-bounded", daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
         try:
             call()
         except BaseException as exc:  # handed to the waiting thread
-            errors.append(exc)
+            self._errors.append(exc)
 
-    thread = threading.Thread(target=run, name="fcdev-bounded", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        abandon()
-        thread.join(10.0)
-        raise CloneFailed(f"{what} took longer than {seconds:.0f} s")
-    if errors:
-        raise CloneFailed(f"{what} failed: {_first_line(errors[0])}")
+    def join(self, seconds: float) -> None:
+        self._thread.join(seconds)
+
+    def wait(self, seconds: float, abandon: Callable[[], None]) -> None:
+        self._thread.join(max(0.0, self.started + seconds - time.monotonic()))
+        if self._thread.is_alive():
+            abandon()
+            self._thread.join(10.0)
+            raise CloneFailed(f"{self.what} took longer than {seconds:.0f} s")
+        if self._errors:
+            raise CloneFailed(f"{self.what} failed: {_first_line(self._errors[0])}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -204,7 +237,7 @@ class TemplatePool:
             evict = self._evictable()
         for template in evict:
             self.log(f"device template {template.boot.name} stopped to make room (--device-max-vms)")
-            self._stop(template.boot)
+            self._end(template)
         name = f"{self.process_dir.name}-{janitor.TEMPLATE_PREFIX}{number}"
         boot = TemplateBoot(ctx, name, self.process_dir / f"{janitor.TEMPLATE_PREFIX}{number}", request)
         boot.cancelled = cancelled
@@ -236,6 +269,11 @@ class TemplatePool:
         if self._reaper is not None:
             self._reaper.forget(boot.name)
 
+    def _end(self, template: Template) -> None:
+        """Stop a template, and with it a revert it may be in the middle of."""
+        self._stop(template.boot)
+        template.settle()
+
     def _evictable(self) -> list[Template]:
         """Idle templates (least recently used first) to stop so that one more VM fits."""
         running = len(self._free) + len(self._busy)
@@ -249,17 +287,20 @@ class TemplatePool:
         return evict
 
     def give_back(self, template: Template) -> None:
-        """A clone is done: the template waits for its next clone (a dead one is dropped)."""
+        """A clone is done: the template begins its revert and waits for its next clone (a dead one
+        is dropped)."""
+        alive = template.boot.is_active()
+        if alive:
+            template.revert_in_background()  # before it is free: a take() must find it reverting
         with self._lock:
             if template in self._busy:
                 self._busy.remove(template)
-            alive = template.boot.is_active()
             if alive:
                 template.last_used = time.monotonic()
                 self._free.append(template)
                 self._start_watcher()
         if not alive:
-            self._stop(template.boot)
+            self._end(template)
 
     def _start_watcher(self) -> None:
         """With the lock held, as a template becomes idle: watch for waiting boots while any is."""
@@ -296,7 +337,7 @@ class TemplatePool:
             self._free.remove(template)
         self._notes.append(f"device template {template.boot.name} stopped: a boot waits for its slot "
                            "(--device-max-vms)")
-        self._stop(template.boot)
+        self._end(template)
         return template
 
     def _flush_notes(self) -> None:
@@ -310,7 +351,7 @@ class TemplatePool:
             for group in (self._free, self._busy):
                 if template in group:
                     group.remove(template)
-        self._stop(template.boot)
+        self._end(template)
 
     def detach(self, template: Template) -> None:
         """A kept clone takes its template out of the pool for good (--device-keep-vm)."""
@@ -335,7 +376,7 @@ class TemplatePool:
         with self._lock:
             templates, self._free, self._busy = self._free + self._busy, [], []
         for template in templates:
-            self._stop(template.boot)
+            self._end(template)
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
             reaper.close()
@@ -399,8 +440,7 @@ class CloneBoot(Boot):
 
     def _clone(self, template: Template, started: float) -> None:
         tboot = template.boot
-        if template.clones > 0:
-            template.revert()
+        template.reverted()
         template.clones += 1
         self.dir.mkdir(mode=0o711)
         os.chmod(self.dir, 0o711)  # noqa: S103 - like every VM directory
@@ -419,9 +459,10 @@ class CloneBoot(Boot):
     def _wait_clone(self, deadline: float) -> None:
         ssh = self.ssh
         assert ssh is not None
+        # No SshBanner step: the snapshot was taken with sshd answering, so a clone's sshd listens
+        # from its first instant, and the banner's polling would only add its poll interval.
         readiness = Readiness(
-            steps=[SshBanner(self.ssh_port, patience=3.0),
-                   SshLogin(lambda: ssh.run("true", check=False, timeout=30).ok),
+            steps=[SshLogin(lambda: ssh.run("true", check=False, timeout=30).ok),
                    HostForwards(self.ctx.host_forward, ssh.forward_remote),
                    _Identity(ssh, self.name)],
             guards=[StillRunning(self.is_active)], cancelled=self.cancelled)

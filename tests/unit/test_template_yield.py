@@ -18,7 +18,8 @@ from pytest_flightctl_device.devices.template import Template, TemplatePool
 
 
 class _StandinBoot:
-    """What the pool uses of a TemplateBoot: a name, is_active() and stop() (which frees the slot)."""
+    """What the pool uses of a TemplateBoot: a name, is_active(), stop() (which frees the slot), and
+    the revert a give-back begins (nothing to revert here)."""
 
     def __init__(self, name: str, slot: Slot) -> None:
         self.name = name
@@ -27,6 +28,9 @@ class _StandinBoot:
 
     def is_active(self) -> bool:
         return not self.stopped.is_set()
+
+    def revert_paused(self) -> None:
+        pass
 
     def stop(self) -> None:
         if self.slot is not None:
