@@ -38,7 +38,8 @@ def test_identity_script_is_valid_shell_and_names_every_step(tmp_path: Path) -> 
     assert script.startswith("sudo sh -c ")
     assert _run_script(tmp_path, "fcdev-ab-t-3").returncode == 0
     for step in (f"exit {identity.REVERT_DID_NOT_TAKE}", f"head -c {identity.ENTROPY_BYTES} > /dev/urandom",
-                 str(identity.RNDRESEEDCRNG), "date -u -s @1796138156.600", "date -u -s @1796138157", "/etc/machine-id", "hostname fcdev-ab-t-3",
+                 str(identity.RNDRESEEDCRNG), "date -u -s @1796138156.600",
+                 "date -u -s @1796138157", "/etc/machine-id", "hostname fcdev-ab-t-3",
                  identity.CLONE_MARKER, identity.RELEASE_FILE, "systemctl start --no-block flightctl-agent.service"):
         assert step in script
     # the clock first (a later step's time would make it late), then the marker check; the agent's release last
