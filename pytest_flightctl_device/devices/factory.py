@@ -23,12 +23,13 @@ from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.accel import Accelerator
 from pytest_flightctl_device.devices.agent import AgentConfig
 from pytest_flightctl_device.devices.boot import Boot, BootContext
+from pytest_flightctl_device.devices.clone import CloneBoot
 from pytest_flightctl_device.devices.hosts import Host, Hosts, parse_uri
 from pytest_flightctl_device.devices.remap import RegistryRemap
 from pytest_flightctl_device.devices.request import VMRequest
 from pytest_flightctl_device.devices.slots import VMSlots, default_max_vms
 from pytest_flightctl_device.devices.ssh import KeyPair, generate_keypair
-from pytest_flightctl_device.devices.template import CloneBoot, TemplatePool
+from pytest_flightctl_device.devices.template import TemplatePool
 from pytest_flightctl_device.devices.vm import DeviceVM
 from pytest_flightctl_device.errors import ConfigError
 from pytest_flightctl_device.settings import VARIANTS, Settings

@@ -6,7 +6,7 @@ host entropy mixed into the kernel's pool and the CRNG reseeded (else every clon
 random bytes, so the agent makes the same key and device name), the clock set from the host (a
 reverted clock is as old as the snapshot, which breaks TLS), a new machine-id and hostname, and
 then the agent started. The same script checks the revert took: the marker the previous clone
-wrote must be gone. Pure text here (what runs where is template.py's job), so it is unit-tested.
+wrote must be gone. Pure text here (what runs where is template.py's and clone.py's job), so it is unit-tested.
 """
 
 from __future__ import annotations
