@@ -114,7 +114,7 @@ class TemplateBoot(Boot):
 
 @dataclasses.dataclass
 class Template:
-    """A running template domain, its snapshot, how many clones it has served, its pending revert."""
+    """A template domain (running, or paused by its revert), how many clones it served, its revert."""
 
     key: str
     boot: TemplateBoot
@@ -136,7 +136,8 @@ class Template:
         Bounded(self.boot.resume, f"resuming template {self.boot.name}").wait(REVERT_S, self.boot._stop_domain)
 
     def settle(self) -> None:
-        """After the template was destroyed: let a pending revert's call return (destroying ends it)."""
+        """After the template was destroyed: let a pending revert's thread end (libvirt runs the
+        destroy once the revert's job is over: measured, nothing came back from any point of it)."""
         reverting, self.reverting = self.reverting, None
         if reverting is not None:
             reverting.join(10.0)
@@ -330,20 +331,20 @@ class TemplatePool:
         for note in notes:
             self.log(note)
 
-    def discard(self, template: Template) -> None:
-        """A template that failed a clone: destroyed, its files removed, its slot freed."""
+    def _remove(self, template: Template) -> None:
         with self._lock:
             for group in (self._free, self._busy):
                 if template in group:
                     group.remove(template)
+
+    def discard(self, template: Template) -> None:
+        """A template that failed a clone: destroyed, its files removed, its slot freed."""
+        self._remove(template)
         self._end(template)
 
     def detach(self, template: Template) -> None:
         """A kept clone takes its template out of the pool for good (--device-keep-vm)."""
-        with self._lock:
-            for group in (self._free, self._busy):
-                if template in group:
-                    group.remove(template)
+        self._remove(template)
         if self._reaper is not None:
             self._reaper.forget(template.boot.name)
 
