@@ -1,8 +1,9 @@
 """A clone of a template (--device-fresh snapshot): the device a test gets, made new before it sees it.
 
 CloneBoot takes a free template of its shape from the factory's TemplatePool (template.py), waits
-for its revert (none before the template's first clone), then makes it a new device: a new SSH
-login, the host forwards, and identity.py's script (entropy, clock, machine-id, hostname, the revert
+for its revert (none before the template's first clone), then makes it a new device: its own SSH
+port (a forward added to the template's qemu, which the revert drops again), a new SSH login, the
+host forwards, and identity.py's script (entropy, clock, machine-id, hostname, the revert
 marker check, the agent released). A clone that fails any of it, or is not ready within
 CLONE_READY_S, is abandoned: its template is discarded and this device cold-boots as boot.Boot.
 """
@@ -21,8 +22,9 @@ from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.accel import TCG_TIMEOUT_FACTOR
 from pytest_flightctl_device.devices.boot import LOGIN_USER, Boot, BootContext
 from pytest_flightctl_device.devices.console import ConsoleLog
-from pytest_flightctl_device.devices.domain import mark_kept
+from pytest_flightctl_device.devices.domain import add_ssh_forward, mark_kept
 from pytest_flightctl_device.devices.identity import ENTROPY_BYTES, REVERT_DID_NOT_TAKE, identity_script
+from pytest_flightctl_device.devices.ports import port_reservation
 from pytest_flightctl_device.devices.readiness import (
     Cancelled,
     Failed,
@@ -33,7 +35,7 @@ from pytest_flightctl_device.devices.readiness import (
     TimedOut,
 )
 from pytest_flightctl_device.devices.ssh import SshClient
-from pytest_flightctl_device.devices.template import CloneFailed, Template, TemplatePool, template_key
+from pytest_flightctl_device.devices.template import CloneFailed, Template, TemplatePool, first_line, template_key
 from pytest_flightctl_device.errors import BootError
 
 if TYPE_CHECKING:
@@ -103,7 +105,7 @@ class CloneBoot(Boot):
         self.dir.mkdir(mode=0o711)
         os.chmod(self.dir, 0o711)  # noqa: S103 - like every VM directory
         self.dom, self.spec, self.seed_spec = tboot.dom, tboot.spec, tboot.seed_spec
-        self.ssh_port, self.accel, self.accel_reason = tboot.ssh_port, tboot.accel, tboot.accel_reason
+        self.ssh_port, self.accel, self.accel_reason = self._own_ssh_port(tboot), tboot.accel, tboot.accel_reason
         self.instance_id = tboot.instance_id  # its final_message marks a clone's reboot too
         self.overlay, self.seed, self.console_path = tboot.overlay, tboot.seed, tboot.console_path
         self.console = ConsoleView(tboot.console_path)
@@ -113,6 +115,17 @@ class CloneBoot(Boot):
         self._wait_clone(time.monotonic() + CLONE_READY_S * factor)
         self.ready_at = time.monotonic()
         self.seconds = self.ready_at - started
+
+    def _own_ssh_port(self, tboot: Boot) -> int:
+        """A port no earlier clone had, so that nothing that knew one reaches this device. (The
+        template's own port stays forwarded too: no test is told it, and freeing it would let
+        another boot take it before the next revert's qemu binds it again.)"""
+        with port_reservation(self.ctx.ports_lock) as port:  # held until qemu has bound it
+            try:
+                add_ssh_forward(tboot.dom, port)
+            except Exception as exc:
+                raise CloneFailed(f"its own SSH forward could not be added ({first_line(exc)})") from None
+        return port
 
     def _wait_clone(self, deadline: float) -> None:
         ssh = self.ssh

@@ -74,6 +74,9 @@ def _serial(spec: DomainSpec) -> str:
     return f"<serial type='file'><source path={quoteattr(str(spec.console))}/><target port='0'/></serial>"
 
 
+NETDEV = "fcnet0"  # the user-mode netdev's id, which add_ssh_forward() names too
+
+
 def render(spec: DomainSpec) -> str:
     """Transient domain: overlay disk, seed CD-ROM on virtio-scsi, console to a file, user-mode net.
 
@@ -82,7 +85,7 @@ def render(spec: DomainSpec) -> str:
     isolated guest from reaching anything beyond the forwards.
     """
     cpu = "<cpu mode='host-passthrough'/>" if spec.kvm else "<cpu mode='maximum'/>"
-    netdev = f"user,id=fcnet0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
+    netdev = f"user,id={NETDEV},hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
     if spec.isolated:
         netdev += ",restrict=on"
     features = "<features><acpi/><apic/></features>"
@@ -124,7 +127,7 @@ def render(spec: DomainSpec) -> str:
     <qemu:arg value='-netdev'/>
     <qemu:arg value={quoteattr(netdev)}/>
     <qemu:arg value='-device'/>
-    <qemu:arg value='virtio-net-pci,netdev=fcnet0,mac={spec.mac},romfile=,bus={bus},addr=0x10'/>
+    <qemu:arg value='virtio-net-pci,netdev={NETDEV},mac={spec.mac},romfile=,bus={bus},addr=0x10'/>
   </qemu:commandline>
 </domain>
 """
@@ -202,6 +205,19 @@ def start_domain(conn: Any, spec_for: Callable[[int], DomainSpec], *, ports_lock
             "not traversable for the user qemu runs as); put the qcow2 under a directory every user "
             "can traverse, such as /var/tmp, or use --device-libvirt-uri qemu:///session.")
     raise BootError(f"libvirt could not start device VM {name}: {last_error}")
+
+
+def add_ssh_forward(dom: Any, port: int) -> None:
+    """One more 127.0.0.1 port forwarded to the running guest's SSH (QEMU's HMP hostfwd_add through
+    libvirt-qemu, ~4 ms; libvirt then lists the domain as tainted by a monitor command). A snapshot
+    clone gets its own port this way: the port of the clone before it went with that clone's qemu.
+    Raises RuntimeError with QEMU's sentence when the forward cannot be set."""
+    import libvirt_qemu
+
+    said = libvirt_qemu.qemuMonitorCommand(dom, f"hostfwd_add {NETDEV} tcp:127.0.0.1:{port}-:22",
+                                           libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP).strip()
+    if said:  # hostfwd_add says nothing when it worked
+        raise RuntimeError(said)
 
 
 def destroy_domain(dom: Any) -> None:

@@ -171,10 +171,11 @@ class Bounded:
             self._thread.join(10.0)
             raise CloneFailed(f"{self.what} took longer than {seconds:.0f} s")
         if self._errors:
-            raise CloneFailed(f"{self.what} failed: {_first_line(self._errors[0])}")
+            raise CloneFailed(f"{self.what} failed: {first_line(self._errors[0])}")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line (a libvirt error's message, not its whole text)."""
     text = exc.get_error_message() if hasattr(exc, "get_error_message") else str(exc)
     return next((line.strip() for line in str(text).splitlines() if line.strip()), type(exc).__name__)
 

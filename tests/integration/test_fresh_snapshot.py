@@ -8,6 +8,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,12 @@ def test_tiny_clones_are_fresh_and_an_abandoned_revert_is_cold_booted(make_facto
 
     second = factory.create()
     assert second.domain_name == first.domain_name  # the same template, reverted
+    # its own SSH port: the first clone's went with the qemu the revert replaced
+    template_port = factory.templates._busy[0].boot.ssh_port
+    assert len({first.ssh_port, second.ssh_port, template_port}) == 3
+    assert f"-p {second.ssh_port} " in second.ssh_command()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", first.ssh_port), timeout=2).close()
     assert second.run("hostname").stdout.strip() == second.name != first.name
     assert not second.run("ls /root/written-by-first", check=False).ok
     # the same draw at the same point after the revert: without a reseed the CRNG replays it
