@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pytest_flightctl_device.devices.agent import throwaway_agent_config
 from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.devices.factory import DeviceVMFactory
-from pytest_flightctl_device.devices.volumes import HostStore, base_digest, pool_xml
+from pytest_flightctl_device.devices.volumes import HostStore, base_digest
 from pytest_flightctl_device.settings import Settings
 from tests.guest.build import build_guest
+from tests.support.helpers import remove_pool, scratch_pool
 from tests.support.sshd import ssh_server
 
 
@@ -43,9 +44,7 @@ def main() -> None:
     local = open_libvirt("qemu:///system")
     pool_name = f"fcdev-bench-{secrets.token_hex(3)}"
     pool_path = Path("/var/tmp") / pool_name
-    pool = local.storagePoolDefineXML(pool_xml(pool_name, str(pool_path)), 0)
-    pool.build(0)
-    pool.create(0)
+    pool = scratch_pool(local, pool_name, pool_path)
     result: dict[str, object] = {"guest": args.guest, "size_mib": round(guest.stat().st_size / 2**20, 1)}
     try:
         with tempfile.TemporaryDirectory() as scratch, ssh_server(Path(scratch)) as server:
@@ -80,11 +79,7 @@ def main() -> None:
                     factory.close()
             result["ready_s"] = times
     finally:
-        for vol in pool.listAllVolumes(0):
-            vol.delete(0)
-        pool.destroy()
-        pool.undefine()
-        shutil.rmtree(pool_path, ignore_errors=True)
+        remove_pool(pool, pool_path)
         shutil.rmtree(pool_path.with_name(pool_name + "-work"), ignore_errors=True)
         local.close()
     print(json.dumps(result, indent=2))

@@ -27,10 +27,9 @@ from pytest_flightctl_device.devices import janitor
 from pytest_flightctl_device.devices.agent import AgentConfig
 from pytest_flightctl_device.devices.domain import open_libvirt
 from pytest_flightctl_device.devices.factory import DeviceVMFactory
-from pytest_flightctl_device.devices.volumes import pool_xml
 from pytest_flightctl_device.errors import BootError
 from pytest_flightctl_device.settings import Settings
-from tests.support.helpers import HELLO, domain_names, hello_server, missing
+from tests.support.helpers import HELLO, domain_names, hello_server, missing, remove_pool, scratch_pool
 from tests.support.sshd import SshServer, ssh_server
 
 pytest_plugins = ["pytester"]
@@ -71,17 +70,11 @@ def test_pool() -> Iterator[str]:
     conn = open_libvirt(LOCAL)
     name = f"fcdev-test-{secrets.token_hex(3)}"
     path = Path("/var/tmp") / name
-    pool = conn.storagePoolDefineXML(pool_xml(name, str(path)), 0)
-    pool.build(0)
-    pool.create(0)
+    pool = scratch_pool(conn, name, path)
     try:
         yield name
     finally:
-        for vol in pool.listAllVolumes(0):
-            vol.delete(0)
-        pool.destroy()
-        pool.undefine()
-        shutil.rmtree(path, ignore_errors=True)
+        remove_pool(pool, path)
         conn.close()
 
 

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +90,25 @@ def domain_names(uri: str) -> set[str]:
         return {dom.name() for dom in conn.listAllDomains()}
     finally:
         conn.close()
+
+
+def scratch_pool(conn: Any, name: str, path: Path) -> Any:
+    """A dir storage pool of a test's or benchmark's own at `path`, defined, built and started."""
+    from pytest_flightctl_device.devices.volumes import pool_xml
+
+    pool = conn.storagePoolDefineXML(pool_xml(name, str(path)), 0)
+    pool.build(0)
+    pool.create(0)
+    return pool
+
+
+def remove_pool(pool: Any, path: Path) -> None:
+    """Undo scratch_pool(): every volume, the pool and its directory (the plugin's own pools stay)."""
+    for vol in pool.listAllVolumes(0):
+        vol.delete(0)
+    pool.destroy()
+    pool.undefine()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def fresh_cache_dir(tmp_path: Path, accel_file: Path) -> Path:
